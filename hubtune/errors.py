@@ -1,0 +1,53 @@
+"""One exception family. Every message says what was wrong and how to fix it.
+
+All input errors are ``ValueError`` subclasses, so ``except ValueError`` keeps working for callers that
+do not know hubtune; ``except hubtune.errors.HubtuneError`` catches everything hubtune raises on purpose.
+"""
+from __future__ import annotations
+
+
+class HubtuneError(Exception):
+    """Base class of every error hubtune raises on purpose."""
+
+
+class InputError(HubtuneError, ValueError):
+    """Bad input: the message names the offending value and the fix."""
+
+
+class ShapeError(InputError):
+    """An array has the wrong number of dimensions or a width that does not match earlier chunks."""
+
+
+class LengthMismatchError(InputError):
+    """Features (or probabilities) and labels have different numbers of rows."""
+
+
+class EmptyInputError(InputError):
+    """No rows were given, or a result was asked of an accumulator that saw none."""
+
+
+class NonFiniteError(InputError):
+    """NaN or Inf in features, probabilities or targets."""
+
+
+class TooFewClassesError(InputError):
+    """A classification score needs at least two distinct classes."""
+
+
+class ProbabilityError(InputError):
+    """Probabilities are negative or their rows do not sum to one."""
+
+
+class BackendError(HubtuneError, ValueError):
+    """An unknown or unavailable compute backend was asked for."""
+
+
+class MissingExtraError(HubtuneError, ImportError):
+    """An optional dependency is missing; the message names the extra that installs it."""
+
+    def __init__(self, package: str, extra: str, feature: str):
+        self.package, self.extra = package, extra
+        super().__init__(
+            f"{feature} needs the optional package '{package}', which is not installed. "
+            f"Install it with: pip install 'hubtune[{extra}]'"
+        )

@@ -1,0 +1,21 @@
+"""Transferability estimators as streaming accumulators, and one-shot helpers for arrays you hold.
+
+    >>> from hubtune.scoring import logme, create_estimator
+    >>> logme(F, y).score                      # one shot
+    >>> acc = create_estimator("logme")        # streaming: update any number of times, merge shards
+    >>> for f, y in chunks: acc.update(f, y)
+    >>> acc.result().score
+"""
+from .base import (
+    ESTIMATORS, Accumulator, ScoreResult, create_estimator, list_estimators, register_estimator,
+)
+from .hscore import HScore, HScoreResult, ShrunkHScore, hscore
+from .leep import LEEP, LEEPResult, leep
+from .logme import LogME, LogMEResult, logme
+from .nce import NCE, NCEResult, nce
+
+__all__ = [
+    "ESTIMATORS", "Accumulator", "ScoreResult", "create_estimator", "list_estimators", "register_estimator",
+    "LogME", "LogMEResult", "logme", "LEEP", "LEEPResult", "leep", "NCE", "NCEResult", "nce",
+    "HScore", "ShrunkHScore", "HScoreResult", "hscore",
+]

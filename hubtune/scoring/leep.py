@@ -1,0 +1,146 @@
+"""LEEP: Log Expected Empirical Prediction (Nguyen, Hassner, Seeger, Archambeau, ICML 2020).
+
+With θ(xᵢ) the source model's class probabilities (n × Z) and yᵢ the target labels,
+
+    P̂(y, z) = (1/n) Σ_{i: yᵢ = y} θ_z(xᵢ),   P̂(y | z) = P̂(y, z) / Σ_y' P̂(y', z)
+    LEEP    = (1/n) Σᵢ log Σ_z P̂(yᵢ | z) θ_z(xᵢ)
+
+The score needs the full joint before any per-sample term can be computed, so it takes two passes over
+θ. Memory stays bounded: ``update`` adds each chunk to the joint (Z × C) and appends θ (float32, or
+float64 when given float64) with its labels to anonymous temporary files (deleted with the accumulator);
+``result`` makes the second pass over them in blocks of ``block_rows``. RAM is O(Z·C + block_rows·Z)
+whatever n is; disk is 4·Z (or 8·Z) bytes per sample.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EmptyInputError, ProbabilityError, ShapeError
+from .base import (
+    Accumulator, ScoreResult, check_class_labels, check_matrix, register_estimator, require_classes,
+)
+from .gram import add_keyed, one_hot
+
+#: a row of probabilities may deviate this much from summing to one (float32 softmax: ~1e-6)
+SUM_TOL = 1e-3
+
+
+def check_probabilities(p) -> np.ndarray:
+    p = check_matrix(p, "source probabilities")
+    if (p < 0).any():
+        raise ProbabilityError(
+            f"source probabilities hold {int((p < 0).any(axis=1).sum())} rows with negative entries; pass "
+            "softmax(logits), not logits (hubtune score --softmax does it for you)"
+        )
+    bad = np.abs(p.sum(axis=1, dtype=np.float64) - 1.0) > SUM_TOL
+    if bad.any():
+        raise ProbabilityError(
+            f"{int(bad.sum())} of {len(p)} rows of source probabilities do not sum to one (tolerance "
+            f"{SUM_TOL}); pass softmax(logits) over the source classes"
+        )
+    return p
+
+
+@dataclass
+class LEEPResult(ScoreResult):
+    classes: np.ndarray
+    source_classes: int
+
+
+class _RowFile:
+    """Append-only rows (float32 or float64) and int64 labels in anonymous temporary files."""
+
+    def __init__(self, width: int, dtype):
+        self.width, self.dtype, self.n = width, np.dtype(dtype), 0
+        self._probs = tempfile.TemporaryFile(prefix="hubtune-leep-")
+        self._labels = tempfile.TemporaryFile(prefix="hubtune-leep-")
+
+    def append(self, probs: np.ndarray, labels: np.ndarray) -> None:
+        for f, a in ((self._probs, np.ascontiguousarray(probs, self.dtype)),
+                     (self._labels, np.ascontiguousarray(labels, np.int64))):
+            f.seek(0, 2)
+            f.write(a.tobytes())
+        self.n += len(labels)
+
+    def blocks(self, rows: int):
+        for start in range(0, self.n, rows):
+            r, row_bytes = min(rows, self.n - start), self.width * self.dtype.itemsize
+            self._probs.seek(start * row_bytes)
+            self._labels.seek(start * 8)
+            probs = np.frombuffer(self._probs.read(r * row_bytes), self.dtype).reshape(r, self.width)
+            yield probs, np.frombuffer(self._labels.read(r * 8), np.int64)
+
+
+@register_estimator("leep")
+class LEEP(Accumulator):
+    """Streaming LEEP. ``update(probs, labels)`` with probs (n, Z) rows summing to one."""
+
+    input_kind = "probs"
+
+    def __init__(self, block_rows: int = 65536):
+        self.block_rows = int(block_rows)
+        self.n = 0
+        self.width: int | None = None
+        self.classes = np.zeros(0, dtype=np.int64)
+        self.joint = np.zeros((0, 0))  # (Z, C): Σ θ_z over samples of each target class
+        self._rows: _RowFile | None = None
+
+    def update(self, probs, labels) -> "LEEP":
+        p = check_probabilities(probs)
+        y = check_class_labels(labels, len(p), "source probabilities")
+        if self.width is None:
+            self.width = p.shape[1]
+            self.joint = np.zeros((self.width, 0))
+            self._rows = _RowFile(self.width, np.float64 if p.dtype == np.float64 else np.float32)
+        elif p.shape[1] != self.width:
+            raise ShapeError(
+                f"source probabilities have {p.shape[1]} classes but earlier chunks had {self.width}; "
+                "feed chunks from the same source model"
+            )
+        p = p.astype(self._rows.dtype, copy=False)  # the joint sees exactly the stored values
+        classes, onehot = one_hot(y)
+        self.classes, (self.joint,) = add_keyed(
+            self.classes, (self.joint,), classes, (p.T.astype(np.float64) @ onehot,))
+        self._rows.append(p, y)
+        self.n += len(p)
+        return self
+
+    def merge(self, other: "LEEP") -> "LEEP":
+        self._check_merge(other)
+        for probs, labels in (other._rows.blocks(self.block_rows) if other.n else ()):
+            self.update(probs, labels)
+        return self
+
+    def result(self) -> LEEPResult:
+        if self.n == 0:
+            raise EmptyInputError("LEEP has seen no data; call update(probs, labels) first")
+        require_classes(len(self.classes), "LEEP")
+        mass = self.joint.sum(axis=1, keepdims=True)  # n·P̂(z)
+        cond = np.divide(self.joint, mass, out=np.zeros_like(self.joint), where=mass > 0)  # P̂(y|z)
+        total = 0.0
+        for probs, labels in self._rows.blocks(self.block_rows):
+            col = np.searchsorted(self.classes, labels)
+            expected = np.einsum("iz,zi->i", probs.astype(np.float64), cond[:, col])
+            total += np.log(expected).sum()
+        return LEEPResult(score=total / self.n, n=self.n, classes=self.classes.copy(),
+                          source_classes=int(self.width))
+
+    def state_dict(self) -> dict:
+        blocks = list(self._rows.blocks(self.block_rows)) if self.n else []
+        return {"estimator": "leep", "block_rows": self.block_rows, "width": self.width,
+                "probs": np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, 0), np.float32),
+                "labels": np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int64)}
+
+    def load_state_dict(self, state: dict) -> "LEEP":
+        self.__init__(block_rows=int(state["block_rows"]))
+        if len(state["labels"]):
+            self.update(state["probs"], state["labels"])
+        return self
+
+
+def leep(probs, labels, **kwargs) -> LEEPResult:
+    """One-shot LEEP of source probabilities (n, Z) and target labels (n,)."""
+    return LEEP(**kwargs).update(probs, labels).result()

@@ -1,0 +1,268 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import _brute
+from conftest import make_classification
+from hubtune.errors import (
+    BackendError, EmptyInputError, InputError, LengthMismatchError, NonFiniteError, ShapeError,
+    TooFewClassesError,
+)
+from hubtune.scoring import LogME, create_estimator, logme
+
+RTOL = 1e-9
+
+
+def assert_matches_brute(res, F, y, task, **kw):
+    ref = _brute.logme(F, y, task, **kw)
+    np.testing.assert_array_equal(res.columns, ref["columns"])
+    np.testing.assert_allclose(res.score, ref["score"], rtol=RTOL)
+    np.testing.assert_allclose(res.evidence, ref["evidence"], rtol=RTOL)
+    np.testing.assert_allclose(res.alpha, ref["alpha"], rtol=1e-8)
+    np.testing.assert_allclose(res.beta, ref["beta"], rtol=1e-8)
+    np.testing.assert_allclose(res.weights, ref["m"], rtol=1e-7, atol=1e-10 * np.abs(ref["m"]).max())
+    np.testing.assert_array_equal(res.iterations, ref["iterations"])
+    np.testing.assert_array_equal(res.converged_columns, ref["converged"])
+
+
+@pytest.mark.parametrize("n,d", [(300, 20), (40, 90), (90, 90)], ids=["n>D", "n<D", "n=D"])
+@pytest.mark.parametrize("gaps", [False, True], ids=["contiguous", "gapped"])
+def test_classification_matches_bruteforce(n, d, gaps, backend):
+    F, y = make_classification(n, d, 4, seed=n + d, gaps=gaps)
+    res = logme(F, y, backend=backend)
+    assert res.form == ("primal" if n > d else "dual")
+    assert res.task == "classification" and len(res.columns) == 4
+    assert_matches_brute(res, F, y, "classification")
+
+
+@pytest.mark.parametrize("n,d", [(250, 15), (30, 60)], ids=["n>D", "n<D"])
+@pytest.mark.parametrize("cols", [1, 3])
+def test_regression_matches_bruteforce(n, d, cols, backend):
+    rng = np.random.default_rng(cols)
+    F = rng.standard_normal((n, d))
+    Y = F[:, :cols] @ rng.standard_normal((cols, cols)) + 0.3 * rng.standard_normal((n, cols))
+    y = Y[:, 0] if cols == 1 else Y
+    res = logme(F, y, backend=backend)
+    assert res.task == "regression"
+    assert_matches_brute(res, F, y, "regression")
+
+
+def test_multilabel_matches_bruteforce(backend):
+    rng = np.random.default_rng(5)
+    F = rng.standard_normal((200, 12))
+    Y = (F[:, :3] + 0.5 * rng.standard_normal((200, 3)) > 0).astype(np.int64)
+    res = logme(F, Y, backend=backend)
+    assert res.task == "multilabel"
+    assert_matches_brute(res, F, Y, "multilabel")
+
+
+def test_tight_tolerance_converges_to_the_evidence_maximum():
+    F, y = make_classification(150, 10, 3, seed=1)
+    res = logme(F, y, tol=1e-12, max_iter=500)
+    assert res.converged
+    assert_matches_brute(res, F, y, "classification", tol=1e-12, max_iter=500)
+    np.testing.assert_allclose(res.t, res.alpha / res.beta, rtol=1e-10)
+    # m is the posterior mean (tI + FᵀF)⁻¹Fᵀy at the optimum
+    for j, c in enumerate(res.columns):
+        m = np.linalg.solve(res.t[j] * np.eye(10) + F.T @ F, F.T @ (y == c))
+        np.testing.assert_allclose(res.weights[j], m, rtol=1e-8)
+
+
+def test_reproduces_published_code_where_it_is_correct():
+    F, y = make_classification(400, 30, 5, seed=7)
+    score, evidence, _, _ = _brute.published_logme(F, y)
+    res = logme(F, y)
+    np.testing.assert_allclose(res.score, score, rtol=RTOL)
+    np.testing.assert_allclose(res.evidence, evidence, rtol=RTOL)
+
+
+def test_published_code_drops_log_alpha_term_when_n_below_d():
+    n, d = 25, 70
+    F, y = make_classification(n, d, 3, seed=3)
+    _, evidence, alphas, k = _brute.published_logme(F, y)
+    res = logme(F, y)
+    assert k == n
+    np.testing.assert_allclose(res.alpha, alphas, rtol=1e-9)
+    # ours = published - (D - k)/2 · log α / n, column by column
+    np.testing.assert_allclose(res.evidence, evidence - (d - k) / 2 * np.log(alphas) / n, rtol=1e-9)
+
+
+def test_empty_classes_are_not_counted():
+    F, y = make_classification(120, 8, 3, seed=2)
+    gapped = np.array([0, 5, 9])[y]
+    a, b = logme(F, y), logme(F, gapped)
+    np.testing.assert_array_equal(b.columns, [0, 5, 9])
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,d", [(400, 30), (50, 60), (70, 60)], ids=["primal", "dual", "crossing"])
+def test_chunks_and_merged_shards_equal_one_shot(n, d):
+    F, y = make_classification(n, d, 5, seed=11)
+    one = logme(F, y)
+    acc = LogME()
+    for part in np.array_split(np.arange(n), 20):
+        acc.update(F[part], y[part])
+    shards = []
+    for part in np.array_split(np.arange(n), 4):
+        shards.append(LogME().update(F[part], y[part]))
+    merged = shards[0]
+    for s in shards[1:]:
+        merged.merge(s)
+    for res in (acc.result(), merged.result()):
+        np.testing.assert_allclose(res.score, one.score, rtol=RTOL)
+        np.testing.assert_allclose(res.evidence, one.evidence, rtol=RTOL)
+        np.testing.assert_allclose(res.weights, one.weights, rtol=1e-7, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 60), st.lists(st.integers(1, 50), min_size=2, max_size=6))
+def test_any_chunking_equals_one_shot(seed, d, sizes):
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    F = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    y[:2] = [0, 1]  # at least two classes
+    one = logme(F.astype(np.float64), y)
+    acc = LogME(task="classification")
+    start = 0
+    for size in sizes:
+        acc.update(F[start:start + size], y[start:start + size])
+        start += size
+    np.testing.assert_allclose(acc.result().score, one.score, rtol=RTOL)
+
+
+def test_float32_chunks_equal_float64_one_shot():
+    rng = np.random.default_rng(0)
+    F = (rng.standard_normal((3000, 64)) * 10).astype(np.float32)
+    y = rng.integers(0, 7, 3000)
+    acc = LogME()
+    for part in np.array_split(np.arange(3000), 13):
+        acc.update(F[part], y[part])
+    ref = _brute.logme(F.astype(np.float64), y, "classification")
+    np.testing.assert_allclose(acc.result().score, ref["score"], rtol=RTOL)
+
+
+def test_torch_tensors_are_accepted():
+    torch = pytest.importorskip("torch")
+    F, y = make_classification(100, 8, 3)
+    res = logme(torch.from_numpy(F), torch.from_numpy(y))
+    assert res.score == pytest.approx(logme(F, y).score, rel=1e-12)
+
+
+def test_state_dict_round_trip_resumes(tmp_path):
+    F, y = make_classification(300, 40, 4, seed=4)
+    acc = LogME().update(F[:20], y[:20])            # still buffering rows (n <= D)
+    np.savez(tmp_path / "s.npz", **{k: v for k, v in _flat(acc.state_dict()).items()})
+    resumed = LogME().load_state_dict(_unflat(dict(np.load(tmp_path / "s.npz", allow_pickle=False))))
+    resumed.update(F[20:], y[20:])
+    np.testing.assert_allclose(resumed.result().score, logme(F, y).score, rtol=RTOL)
+    # and from the Gram form
+    acc2 = LogME().update(F[:200], y[:200])
+    resumed2 = LogME().load_state_dict(acc2.state_dict()).update(F[200:], y[200:])
+    np.testing.assert_allclose(resumed2.result().score, logme(F, y).score, rtol=RTOL)
+
+
+def _flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = np.asarray(v if v is not None else -1)
+    return out
+
+
+def _unflat(flat):
+    out = {}
+    for k, v in flat.items():
+        node = out
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v.item() if v.ndim == 0 else v
+    if isinstance(out.get("task"), bytes):
+        out["task"] = out["task"].decode()
+    return out
+
+
+def test_backends_agree_to_1e12_including_unconverged_columns():
+    F, y = make_classification(500, 50, 10, seed=9)
+    for max_iter in (1, 3, 11):
+        a, b = logme(F, y, backend="numpy", max_iter=max_iter), logme(F, y, backend="numba", max_iter=max_iter)
+        for field in ("evidence", "alpha", "beta", "t", "weights"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(a.iterations, b.iterations)
+    assert not logme(F, y, max_iter=1).converged
+
+
+def test_backend_from_environment(monkeypatch):
+    import hubtune_ext.numba_logme as nl
+
+    F, y = make_classification(80, 6, 3)
+    monkeypatch.setenv("HUBTUNE_BACKEND", "numpy")
+    monkeypatch.setattr(nl, "fixed_point_numba", lambda *a: pytest.fail("numba used"))
+    logme(F, y)
+    monkeypatch.setenv("HUBTUNE_BACKEND", "gpu")
+    with pytest.raises(BackendError, match="'gpu'"):
+        logme(F, y)
+
+
+def test_numba_compiles_without_a_writable_cache(monkeypatch):
+    import numba.core.caching as caching
+    import hubtune_ext.numba_logme as nl
+
+    def refuse(self):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(caching._CacheLocator, "ensure_cache_path", refuse)
+    monkeypatch.setattr(nl, "_kernel", None)
+    F, y = make_classification(80, 6, 3)
+    res = logme(F, y, backend="numba")
+    assert nl.kernel_is_cached is False
+    assert res.score == pytest.approx(logme(F, y, backend="numpy").score, rel=1e-12)
+
+
+def test_importing_hubtune_does_not_compile_or_import_numba():
+    import subprocess
+    import sys
+
+    code = "import sys, hubtune, hubtune.scoring; print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_typed_errors():
+    F, y = make_classification(50, 5, 3)
+    bad = F.copy()
+    bad[[3, 7, 7], [0, 1, 2]] = [np.nan, np.inf, np.nan]
+    with pytest.raises(NonFiniteError, match="2 of 50 rows"):
+        logme(bad, y)
+    with pytest.raises(LengthMismatchError, match="50 rows but labels have 49"):
+        logme(F, y[:-1])
+    with pytest.raises(TooFewClassesError, match="labels hold 1"):
+        logme(F, np.zeros(50, dtype=int))
+    with pytest.raises(EmptyInputError):
+        logme(F[:0], y[:0])
+    with pytest.raises(EmptyInputError, match="seen no data"):
+        LogME().result()
+    with pytest.raises(ShapeError, match="2-D"):
+        logme(F[:, 0], y)
+    with pytest.raises(ShapeError, match="2-D"):
+        logme(F[None], y)
+    with pytest.raises(ShapeError, match="earlier chunks had 5"):
+        LogME().update(F, y).update(F[:, :4], y)
+    with pytest.raises(InputError, match="non-integral"):
+        logme(F, y + 0.5, task="classification")
+    with pytest.raises(InputError, match="every feature is zero"):
+        logme(np.zeros((60, 5)), y[:50].tolist() + [0] * 10)
+    with pytest.raises(InputError, match="task="):
+        LogME(task="ranking")
+    with pytest.raises(InputError, match="multi-hot"):
+        logme(F, np.full((50, 2), 2), task="multilabel")
+    assert issubclass(NonFiniteError, ValueError)
+
+
+def test_registry_creates_logme():
+    assert isinstance(create_estimator("logme"), LogME)
+    with pytest.raises(InputError, match="choose one of"):
+        create_estimator("logmee")
