@@ -1,7 +1,20 @@
 """hubtune: rank the models of a hub by how well they transfer to your data, then tune with the best."""
-from . import errors
-from .scoring import create_estimator, hscore, leep, list_estimators, logme, nce
-
 __version__ = "0.1.0"
 
-__all__ = ["errors", "create_estimator", "list_estimators", "logme", "leep", "nce", "hscore", "__version__"]
+from . import errors  # noqa: E402
+from .ranking import Ranking, rank  # noqa: E402
+from .scoring import create_estimator, hscore, leep, list_estimators, logme, nce  # noqa: E402
+
+_LAZY = {"load_candidate": "hub", "ModelSpec": "hub", "create_dataset": "data", "ExtractOptions": "features"}
+
+
+def __getattr__(name):  # torch and timm load only when the hub, data or extraction API is used
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hubtune' has no attribute {name!r}")
+
+
+__all__ = ["errors", "rank", "Ranking", "create_estimator", "list_estimators", "logme", "leep", "nce", "hscore",
+           "load_candidate", "ModelSpec", "create_dataset", "ExtractOptions", "__version__"]

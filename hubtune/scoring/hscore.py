@@ -28,7 +28,7 @@ from ..errors import EmptyInputError, InputError
 from .base import (
     Accumulator, ScoreResult, check_class_labels, check_matrix, register_estimator, require_classes,
 )
-from .gram import Moments, float64_blocks, one_hot
+from .gram import Moments, float64_blocks
 
 
 @dataclass
@@ -59,8 +59,7 @@ class HScore(Accumulator):
         if self._moments is None:
             self._moments, self._q3 = Moments(x.shape[1]), np.zeros(x.shape[1])
         for sl, block in float64_blocks(x):
-            classes, onehot = one_hot(y[sl])
-            self._moments.add(block, onehot, classes)
+            self._moments.add_labels(block, y[sl])
             sq = np.einsum("ij,ij->i", block, block)
             self._q4 += float(sq @ sq)
             self._q3 += sq @ block

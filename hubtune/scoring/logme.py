@@ -135,7 +135,7 @@ class LogME(Accumulator):
         else:
             self._to_moments()
             for sl, block in float64_blocks(x):
-                self._moments.add(block, *self._target_matrix(y[sl]))
+                self._add_block(block, y[sl])
         self.n += len(x)
         return self
 
@@ -143,8 +143,14 @@ class LogME(Accumulator):
         if self._moments is None:
             self._moments = Moments(self.dim)
         for rows, y in zip(self._rows, self._targets):
-            self._moments.add(rows, *self._target_matrix(y))
+            self._add_block(rows, y)
         self._rows, self._targets = [], []
+
+    def _add_block(self, block: np.ndarray, y: np.ndarray) -> None:
+        if self.task == "classification":
+            self._moments.add_labels(block, y)
+        else:
+            self._moments.add(block, y, np.arange(y.shape[1]))
 
     def merge(self, other: "LogME") -> "LogME":
         self._check_merge(other)
@@ -165,7 +171,7 @@ class LogME(Accumulator):
             if other._moments is not None:
                 self._moments.merge(other._moments)
             for rows, y in zip(other._rows, other._targets):
-                self._moments.add(rows, *self._target_matrix(y))
+                self._add_block(rows, y)
         self.n += other.n
         return self
 

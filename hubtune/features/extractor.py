@@ -1,0 +1,195 @@
+"""Batched, cached feature extraction for many candidates over one dataset.
+
+Candidates that share a transform (timm data config) share the decoded images: each chunk of the dataset
+is decoded and transformed once and fed to every candidate of the group that still needs it. Inference
+runs under ``torch.inference_mode``, channels-last, with bf16 autocast where the CPU or GPU supports it,
+and ``torch.compile`` when the dataset is large enough to repay compilation. Each chunk of
+(features, source logits, labels) is written to the cache and handed to ``on_chunk`` as it is produced,
+so scorers stream and memory stays bounded; a complete cache entry is replayed without a forward pass.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .cache import FeatureCache
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ExtractOptions:
+    batch_size: int = 64
+    chunk_size: int = 512            # rows decoded at once and written per cache file
+    device: str | None = None        # None: cuda when available, else cpu
+    precision: str = "auto"          # "auto": bf16 autocast where supported, else fp32
+    channels_last: bool = True
+    compile: str | bool = "auto"     # "auto": compile when the dataset has >= compile_min_samples rows
+    compile_min_samples: int = 20000
+    cache_dir: str | None = None
+    use_cache: bool = True
+    progress: bool | None = None     # None: show progress when stderr is a terminal
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name}={getattr(self, name)!r} must be a positive integer")
+
+
+@dataclass
+class ExtractStats:
+    spec: str
+    n: int = 0
+    feature_dim: int = 0
+    num_classes: int = 0
+    seconds: float = 0.0             # forward passes only (decode is shared and counted apart)
+    computed: int = 0                # rows that went through a forward pass (the rest came from the cache)
+    cache_hit: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def transform_key(data_config: dict) -> str:
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in sorted(data_config.items())})
+
+
+class _Runner:
+    """One candidate prepared for inference: device, memory format, autocast, optional compile."""
+
+    def __init__(self, candidate, options: ExtractOptions, device: torch.device, n: int):
+        self.candidate = candidate
+        self.device = device
+        module = candidate.module.to(device).eval()
+        if options.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.bf16 = options.precision == "bf16" or (options.precision == "auto" and bf16_supported(device))
+        self.channels_last = options.channels_last
+        compile_ = options.compile
+        if compile_ == "auto":
+            compile_ = n >= options.compile_min_samples
+        self.compiled = bool(compile_)
+        self.forward = torch.compile(candidate.forward) if compile_ else candidate.forward
+
+    def __call__(self, x: torch.Tensor):
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            feats, logits = self.forward(x)
+        return feats.float().cpu().numpy(), None if logits is None else logits.float().cpu().numpy()
+
+
+def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk=None,
+            rows: int | None = None) -> dict[str, ExtractStats]:
+    """Extract (features, logits, labels) of every candidate over the first ``rows`` rows of ``dataset``
+    (all rows by default).
+
+    ``on_chunk(spec, features, logits, labels)`` is called for each chunk in row order, whether it came
+    from the cache or from a forward pass. Returns per-candidate statistics.
+    """
+    from ..data import transform_for
+
+    options = options or ExtractOptions()
+    device = resolve_device(options.device)
+    cache = FeatureCache(options.cache_dir) if options.use_cache else None
+    total = len(dataset)
+    n = total if rows is None else min(int(rows), total)
+    if n == 0:
+        raise InputError(f"dataset {dataset.name} is empty; nothing to extract")
+    progress = options.progress if options.progress is not None else sys.stderr.isatty()
+    stats = {c.spec: ExtractStats(spec=c.spec, n=n, num_classes=c.num_classes, feature_dim=c.num_features)
+             for c in candidates}
+    groups: dict[str, list] = {}
+    for c in candidates:
+        groups.setdefault(transform_key(c.data_config), []).append(c)
+    emit = on_chunk or (lambda *a: None)
+    precision = options.precision if options.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
+
+    for tkey, group in groups.items():
+        entries, done = {}, {}
+        for c in group:
+            entry = cache.entry(spec=c.spec, identity=c.identity, dataset=dataset.fingerprint,
+                                transform=tkey, precision=precision) if cache else None
+            entries[c.spec] = entry
+            done[c.spec] = min(n, total if entry.complete else entry.rows_done()) if entry else 0
+            for feats, logits, labels in (entry.read(stop=done[c.spec]) if entry else ()):
+                emit(c.spec, feats, logits, labels)
+            stats[c.spec].cache_hit = done[c.spec] >= n
+        pending = [c for c in group if done[c.spec] < n]
+        if not pending:
+            continue
+        transform = transform_for(group[0].data_config)
+        runners = {c.spec: _Runner(c, options, device, n) for c in pending}
+        for spec, r in runners.items():
+            stats[spec].extra = {"device": str(device), "bf16": r.bf16, "compiled": r.compiled}
+        start_row = min(done[c.spec] for c in pending)
+        bar = _progress(n - start_row, f"extract {', '.join(c.spec for c in pending)}", progress)
+        for start in range(start_row, n, options.chunk_size):
+            stop = min(start + options.chunk_size, n)
+            need = [c for c in pending if done[c.spec] < stop]
+            images = torch.stack([transform(dataset.image(i)) for i in range(start, stop)])
+            labels = np.asarray(dataset.labels[start:stop])
+            for c in need:
+                skip = max(0, done[c.spec] - start)  # rows this candidate already has (resumed mid-chunk)
+                t0 = time.perf_counter()
+                outs = [runners[c.spec](images[b:b + options.batch_size])
+                        for b in range(skip, len(images), options.batch_size)]
+                stats[c.spec].seconds += time.perf_counter() - t0
+                stats[c.spec].computed += len(images) - skip
+                feats = np.concatenate([o[0] for o in outs])
+                logits = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
+                if entries[c.spec] is not None:
+                    entries[c.spec].write_chunk(start + skip, feats, logits, labels[skip:])
+                emit(c.spec, feats, logits, labels[skip:])
+                stats[c.spec].feature_dim = feats.shape[1]
+            bar.update(stop - start)
+        bar.close()
+        for c in pending:
+            if entries[c.spec] is not None and n == total:
+                entries[c.spec].mark_complete({"n": n, "feature_dim": stats[c.spec].feature_dim})
+    return stats
+
+
+class _progress:
+    """A tqdm bar when tqdm is installed and progress is wanted; otherwise silent."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+            except ImportError:
+                pass
+
+    def update(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,161 @@
+"""Safe loading, content hashes and Hugging Face cache look-ups shared by the sources."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelNotFoundError, WeightsNotAvailableError
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def hf_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once at import; this reads it on every call)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().lower() in _TRUE
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache as set now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cure_text(local_hint: str = "local-dir:PATH or file:PATH::ARCH") -> str:
+    return (
+        "Cure: run once with network access to fill the cache (unset HF_HUB_OFFLINE or set HF_HUB_OFFLINE=0), "
+        f"point HF_HUB_CACHE at a cache that holds it, or use {local_hint} with a local copy"
+    )
+
+
+def hf_cached_file(repo_id: str, filenames: list[str], revision: str | None = None) -> Path | None:
+    """The first of ``filenames`` present in the HF cache for ``repo_id``, without touching the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()), revision=revision)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
+def hf_file(spec: str, repo_id: str, filenames: list[str], revision: str | None = None, what: str = "weights") -> Path:
+    """Resolve one of ``filenames`` from ``repo_id``: the cache first, then (unless offline) the Hub."""
+    hit = hf_cached_file(repo_id, filenames, revision)
+    if hit is not None:
+        return hit
+    cache = hf_cache_dir()
+    tried = f"{' / '.join(filenames)} of {repo_id}" + (f"@{revision}" if revision else "")
+    if hf_offline():
+        raise WeightsNotAvailableError(
+            f"{spec}: {what} not available offline: looked for {tried} in the Hugging Face cache {cache} "
+            f"and HF_HUB_OFFLINE is set. {cure_text()}"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=str(cache)))
+        except EntryNotFoundError:
+            continue
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise ModelNotFoundError(
+                f"{spec}: the Hugging Face Hub has no repository {repo_id!r}"
+                + (f" at revision {revision!r}" if revision else "")
+                + f" ({type(e).__name__}); check the spelling, or log in (hf auth login) if it is private"
+            ) from None
+        except Exception as e:  # connection errors, timeouts, HTTP 5xx
+            raise WeightsNotAvailableError(
+                f"{spec}: could not fetch {filename} of {repo_id} ({type(e).__name__}: {e}); "
+                f"looked in the Hugging Face cache {cache} first. {cure_text()}"
+            ) from None
+    raise WeightsNotAvailableError(
+        f"{spec}: the repository {repo_id} has none of {', '.join(filenames)}; a timm-format repo holds "
+        "config.json and model.safetensors (or pytorch_model.bin)"
+    )
+
+
+def load_state_dict(path: str | os.PathLike, spec: str) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: safetensors for ``.safetensors``, ``torch.load(weights_only=True)`` otherwise.
+
+    A checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped and a
+    DataParallel ``module.`` prefix is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotAvailableError(f"{spec}: weights file {path} does not exist; give the path of a local file")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(
+            f"{spec}: {path} could not be loaded safely with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); hubtune never unpickles arbitrary objects. Cure: re-save "
+            "it as a plain state dict, ideally with safetensors.torch.save_file"
+        ) from None
+    for key in ("state_dict", "model", "module", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{spec}: {path} does not hold a state dict (a dict of tensors); save model.state_dict()")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    # HF cache blobs have no suffix; a safetensors file starts with an 8-byte header length then '{'
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content. An HF cache blob is named by that sha256 already (LFS), so it is reused."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _SHA.match(real.name):
+        return real.name
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state dict (for weights not from a file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

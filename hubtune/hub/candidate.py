@@ -1,0 +1,70 @@
+"""A loaded hub model ready for feature extraction: ``load_candidate(spec) -> Candidate``."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .sources import SOURCES, count_params
+from .spec import ModelSpec
+
+
+@dataclass
+class Candidate:
+    spec: str
+    module: torch.nn.Module  # eval mode
+    data_config: dict  # input_size, mean, std, interpolation, crop_pct, crop_mode
+    num_features: int  # penultimate width
+    num_classes: int  # source head classes, 0 if no head
+    identity: str  # sha256 of the canonical spec and the weights content: a cache key
+    num_params: int
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass: ``forward_features``, ``forward_head(pre_logits=True)``, then the classifier.
+
+        Returns (penultimate features ``(B, num_features)``, source logits ``(B, num_classes)`` or None).
+        """
+        m = self.module
+        feats = m.forward_head(m.forward_features(x), pre_logits=True)
+        feats = feats.reshape(feats.shape[0], -1)
+        logits = m.get_classifier()(feats) if self.num_classes else None
+        return feats, logits
+
+    __call__ = forward
+
+
+def identity_of(spec: ModelSpec, weights_hash: str) -> str:
+    return hashlib.sha256(f"hubtune-candidate-v1\n{spec}\n{weights_hash}".encode()).hexdigest()
+
+
+def load_candidate(spec: str | ModelSpec, pretrained: bool = True, trust_remote_code: bool = False) -> Candidate:
+    """Load a model from any spec kind (see :mod:`hubtune.hub.spec`), safely and offline first.
+
+    Raises ``SpecError`` for a malformed spec, ``ModelNotFoundError`` for an unknown architecture, repo or
+    path, ``WeightsNotAvailableError`` when the weights are not local and cannot be fetched.
+    ``trust_remote_code`` is passed to the source; no built-in source ever runs remote code.
+    """
+    spec = ModelSpec.parse(spec)
+    loaded = SOURCES.get(spec.kind).load(spec, pretrained, trust_remote_code)
+    module = loaded.module.eval()
+    num_features = int(getattr(module, "head_hidden_size", None) or module.num_features)
+    num_classes = int(getattr(module, "num_classes", 0) or 0)
+    return Candidate(
+        spec=str(spec),
+        module=module,
+        data_config=dict(loaded.data_config),
+        num_features=num_features,
+        num_classes=num_classes,
+        identity=identity_of(spec, loaded.weights_hash),
+        num_params=count_params(module),
+    )
+
+
+def candidate_info(spec: str | ModelSpec) -> dict:
+    """What a spec is, without loading or downloading weights: ``spec``, ``kind``, ``architecture``,
+    ``num_params`` (counted on the meta device), ``num_classes``, ``input_size``, ``pretrained_tag``,
+    ``weights_location`` (a path, or where it would be looked for) and ``cached`` (bool)."""
+    spec = ModelSpec.parse(spec)
+    info = SOURCES.get(spec.kind).info(spec)
+    return {"spec": str(spec), "kind": spec.kind, **info}

@@ -1,0 +1,303 @@
+"""rank(): candidates × dataset → Ranking.
+
+Each candidate's features stream from the extractor (or its cache) straight into one accumulator per
+metric, so no feature matrix is held in memory. The Ranking orders candidates by the first metric and
+saves ranking.json, ranking.csv, ranking.png (with the ``plot`` extra) and each candidate's LogME
+posterior weights (the projection B-Tuning consumes).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._io import atomic_write_text, write_json
+from .errors import HubtuneError, InputError, MissingExtraError
+from .scoring import ESTIMATORS, create_estimator
+
+
+@dataclass
+class CandidateResult:
+    spec: str
+    scores: dict[str, float]
+    rank: int = 0
+    feature_dim: int = 0
+    num_source_classes: int = 0
+    n: int = 0
+    num_params: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    cache_hit: bool = False
+    rounds: int = 1                   # successive halving: rounds survived
+    logme_weights: str | None = None  # file, relative to the ranking folder
+
+
+@dataclass
+class Ranking:
+    dataset: str
+    metrics: list[str]
+    candidates: list[CandidateResult]
+    skipped: dict[str, str] = field(default_factory=dict)   # spec -> reason
+    budget: dict | None = None
+    weights: dict[str, dict] = field(default_factory=dict, repr=False)  # spec -> LogME columns/weights
+
+    def top(self, k: int) -> list[str]:
+        """The specs of the best ``k`` candidates, best first."""
+        if not (isinstance(k, int) and k >= 1):
+            raise InputError(f"k={k!r} must be a positive integer")
+        if k > len(self.candidates):
+            raise InputError(f"k={k} but the ranking holds only {len(self.candidates)} candidates")
+        return [c.spec for c in self.candidates[:k]]
+
+    def table(self) -> str:
+        header = ["rank", "model"] + self.metrics + ["dim", "n", "params", "img/s", "cache"]
+        rows = [[str(c.rank), c.spec] + [f"{c.scores.get(m, float('nan')):.5g}" for m in self.metrics]
+                + [str(c.feature_dim), str(c.n), f"{c.num_params / 1e6:.1f}M",
+                   f"{c.images_per_second:.0f}" if np.isfinite(c.images_per_second) else "-",
+                   "hit" if c.cache_hit else "miss"] for c in self.candidates]
+        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+        lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
+                 for r in [header, ["-" * w for w in widths]] + rows]
+        lines += [f"skipped {spec}: {why}" for spec, why in self.skipped.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"hubtune": __version__, "dataset": self.dataset, "metrics": self.metrics,
+                "budget": self.budget, "skipped": self.skipped,
+                "candidates": [asdict(c) for c in self.candidates]}
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, c in enumerate(self.candidates):
+            if c.spec in self.weights:
+                rel = f"logme/{i:03d}-{_safe(c.spec)}.npz"
+                (out / "logme").mkdir(exist_ok=True)
+                _atomic_npz(out / rel, spec=np.array(c.spec), **self.weights[c.spec])
+                c.logme_weights = rel
+        write_json(out / "ranking.json", self.to_dict())
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["rank", "spec"] + self.metrics + ["feature_dim", "n", "num_params", "seconds",
+                                                      "images_per_second", "cache_hit"])
+        for c in self.candidates:
+            w.writerow([c.rank, c.spec] + [c.scores.get(m) for m in self.metrics]
+                       + [c.feature_dim, c.n, c.num_params, f"{c.seconds:.4f}", f"{c.images_per_second:.2f}",
+                          c.cache_hit])
+        atomic_write_text(out / "ranking.csv", buf.getvalue())
+        try:
+            self.plot(out / "ranking.png")
+        except MissingExtraError as e:
+            warnings.warn(f"ranking.png not written: {e}", stacklevel=2)
+        return out
+
+    def plot(self, path: str | Path) -> Path:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise MissingExtraError("matplotlib", "plot", "the ranking plot") from None
+        metrics = self.metrics
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 + 3 * len(metrics), 0.5 * len(self.candidates) + 1.5),
+                                 squeeze=False)
+        names = [c.spec for c in self.candidates][::-1]
+        for ax, m in zip(axes[0], metrics):
+            vals = np.array([c.scores.get(m, np.nan) for c in self.candidates][::-1], dtype=float)
+            lo, hi = np.nanmin(vals), np.nanmax(vals)
+            pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 1.0
+            base = lo - pad  # bars start just left of the worst score, so differences are visible
+            ax.barh(names, vals - base, left=base, color="tab:blue")
+            for y, v in enumerate(vals):
+                ax.text(v, y, f" {v:.4g}", va="center", fontsize=8)
+            ax.set_xlim(base, hi + 2 * pad)
+            ax.set_title(f"{m} (higher is better)")
+            ax.grid(axis="x", alpha=0.3)
+        fig.suptitle(f"hubtune ranking on {self.dataset}")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Ranking":
+        folder = Path(folder)
+        path = folder / "ranking.json"
+        if not path.exists():
+            raise InputError(f"{folder} holds no ranking.json; pass the --out folder of a `hubtune rank` run")
+        d = json.loads(path.read_text())
+        cands = [CandidateResult(**c) for c in d["candidates"]]
+        weights = {}
+        for c in cands:
+            if c.logme_weights:
+                with np.load(folder / c.logme_weights) as z:
+                    weights[c.spec] = {k: z[k] for k in z.files if k != "spec"}
+        return cls(dataset=d["dataset"], metrics=d["metrics"], candidates=cands, skipped=d.get("skipped", {}),
+                   budget=d.get("budget"), weights=weights)
+
+
+def _safe(spec: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in spec)[:80]
+
+
+def _atomic_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------- rank
+def _score_candidates(candidates, dataset, metrics, options, rows=None):
+    """Stream every candidate's chunks into fresh accumulators; returns (results, stats)."""
+    from .features import extract
+
+    accs = {c.spec: {m: create_estimator(m) for m in metrics} for c in candidates}
+
+    def on_chunk(spec, feats, logits, labels):
+        for m, acc in accs[spec].items():
+            kind = ESTIMATORS.get(m).input_kind
+            if kind == "features":
+                acc.update(feats, labels)
+            else:
+                if logits is None:
+                    raise InputError(f"{spec} has no source classifier head, so {m} cannot score it; "
+                                     "use logme or hscore for headless models")
+                acc.update(_softmax(logits) if kind == "probs" else logits, labels)
+
+    stats = extract(candidates, dataset, options, on_chunk, rows=rows)
+    return {spec: {m: acc.result() for m, acc in a.items()} for spec, a in accs.items()}, stats
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,
+         per_class=None, seed=0, options=None, budget: int | None = None, top_k: int | None = None,
+         out=None) -> Ranking:
+    """Rank hub models on a dataset.
+
+    models: specs (see ``hubtune.hub.ModelSpec``) or loaded ``Candidate`` objects.
+    dataset: a registered name, ``imagefolder:PATH``, an ``ImageDataset`` or a torch Dataset.
+    metrics: estimator names; the first orders the ranking.
+    budget: successive halving: score every candidate on a stratified sample of ``budget`` images, keep
+        the better half, double the sample, and repeat until ``top_k`` (default 1) candidates remain or
+        the sample is the whole dataset. Samples are prefixes of one stratified order, so each round
+        extracts only the images its sample adds (the rest come from the cache). Scores of candidates
+        dropped early come from smaller samples; the ranking lists candidates by rounds survived, then
+        by score.
+    """
+    from .data import ImageDataset, create_dataset, stratified_subsample
+    from .features import ExtractOptions
+
+    metrics = list(metrics)
+    if not metrics:
+        raise InputError("metrics is empty; pass at least one of " + ", ".join(ESTIMATORS.names()))
+    for m in metrics:
+        ESTIMATORS.get(m)
+    ds = dataset if isinstance(dataset, ImageDataset) else create_dataset(dataset, split=split, data_dir=data_dir,
+                                                                           download=download)
+    if max_samples or per_class:
+        ds = stratified_subsample(ds, max_samples=max_samples, per_class=per_class, seed=seed)
+    options = options or ExtractOptions()
+
+    candidates, skipped = [], {}
+    for m in models:
+        if not isinstance(m, str):
+            candidates.append(m)
+            continue
+        from .hub import load_candidate
+
+        try:
+            candidates.append(load_candidate(m))
+        except HubtuneError as e:
+            warnings.warn(f"skipping {m}: {e}", stacklevel=2)
+            skipped[m] = str(e)
+    if not candidates:
+        raise InputError("no candidate could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+
+    rounds = {c.spec: 1 for c in candidates}
+    recorded: dict[str, CandidateResult] = {}
+    budget_info = None
+    if budget:
+        ds = ds.subset(stratified_order(ds.labels, seed))  # every prefix of this order is stratified
+        keep, size, history = list(candidates), int(budget), []
+        target = max(1, top_k or 1)
+        while True:
+            size = min(size, len(ds))
+            results, stats = _score_candidates(keep, ds, metrics, options, rows=size)
+            history.append({"samples": size, "candidates": [c.spec for c in keep],
+                            "forward_passes": int(sum(st.computed for st in stats.values()))})
+            _record(keep, results, stats, rounds, recorded)
+            if len(keep) <= target or size >= len(ds):
+                break
+            keep.sort(key=lambda c: -results[c.spec][metrics[0]].score)
+            keep = keep[: max(target, (len(keep) + 1) // 2)]
+            for c in keep:
+                rounds[c.spec] += 1
+                recorded[c.spec].rounds = rounds[c.spec]
+            if len(keep) <= target:  # the finalists are decided; another round would only re-score them
+                break
+            size *= 2
+        budget_info = {"initial_samples": int(budget), "rounds": history,
+                       "images_scored": int(sum(h["samples"] * len(h["candidates"]) for h in history)),
+                       "forward_passes": int(sum(h["forward_passes"] for h in history)),
+                       "forward_passes_full_ranking": len(ds) * len(candidates)}
+    else:
+        results, stats = _score_candidates(candidates, ds, metrics, options)
+        _record(candidates, results, stats, rounds, recorded)
+    entries = list(recorded.values())
+
+    params = {c.spec: c.num_params for c in candidates}
+    weights = {}
+    for e in entries:
+        e.num_params = params.get(e.spec, 0)
+        res = e.__dict__.pop("_logme", None)
+        if res is not None:
+            weights[e.spec] = {"columns": res.columns, "weights": res.weights.astype(np.float32),
+                               "evidence": res.evidence, "alpha": res.alpha, "beta": res.beta}
+    entries.sort(key=lambda e: (-e.rounds, -e.scores[metrics[0]]))
+    for i, e in enumerate(entries, 1):
+        e.rank = i
+    ranking = Ranking(dataset=ds.name, metrics=metrics, candidates=entries, skipped=skipped, budget=budget_info,
+                      weights=weights)
+    if out is not None:
+        ranking.save(out)
+    return ranking
+
+
+def stratified_order(labels, seed: int = 0) -> np.ndarray:
+    """A permutation of the rows whose every prefix holds the classes in their overall proportions:
+    each class is shuffled, then the classes are interleaved by fractional position within the class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    key = np.empty(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        key[idx] = (np.arange(len(idx)) + rng.random()) / len(idx)
+    return np.argsort(key, kind="stable")
+
+
+def _record(cands, results, stats, rounds, into: dict) -> None:
+    for c in cands:
+        st = stats[c.spec]
+        r = CandidateResult(spec=c.spec, scores={m: float(res.score) for m, res in results[c.spec].items()},
+                            feature_dim=st.feature_dim, num_source_classes=st.num_classes, n=st.n,
+                            seconds=st.seconds, images_per_second=st.throughput if st.seconds else 0.0,
+                            cache_hit=st.cache_hit, rounds=rounds[c.spec])
+        if "logme" in results[c.spec]:
+            r.__dict__["_logme"] = results[c.spec]["logme"]
+        into[c.spec] = r

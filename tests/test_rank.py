@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from hubtune.features import ExtractOptions, FeatureCache, extract
+from hubtune.ranking import Ranking, rank, stratified_order
+from hubtune.scoring import logme
+
+CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+          "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+
+
+class TinyCandidate:
+    """A small random timm CNN behind the Candidate interface; counts the images it sees."""
+
+    def __init__(self, spec, seed, width=1.0):
+        torch.manual_seed(seed)
+        self.module = timm.create_model("resnet10t", pretrained=False, num_classes=7).eval()
+        self.spec, self.identity, self.data_config = spec, f"{spec}-seed{seed}", dict(CONFIG)
+        self.num_features, self.num_classes = self.module.num_features, 7
+        self.num_params = sum(p.numel() for p in self.module.parameters())
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += len(x)
+        f = self.module.forward_head(self.module.forward_features(x), pre_logits=True)
+        return f, self.module.get_classifier()(f)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from hubtune.data import create_dataset, stratified_subsample
+
+    return stratified_subsample(create_dataset("digits"), max_samples=120, seed=0)
+
+
+def plain_features(cand, ds):
+    from hubtune.data import transform_for
+
+    t = transform_for(cand.data_config)
+    x = torch.stack([t(ds.image(i)) for i in range(len(ds))])
+    with torch.no_grad():
+        f, l = cand.forward(x)
+    return f.numpy(), l.numpy()
+
+
+def collect(cands, ds, opts, rows=None):
+    got = {c.spec: [] for c in cands}
+    stats = extract(cands, ds, opts, lambda s, f, l, y: got[s].append((f, l, y)), rows=rows)
+    return {s: tuple(np.concatenate(parts) for parts in zip(*v)) for s, v in got.items()}, stats
+
+
+def test_extraction_matches_plain_loop_and_caches(tmp_path, digits):
+    cand = TinyCandidate("tiny-a", 0)
+    ref_f, ref_l = plain_features(cand, digits)
+    opts = ExtractOptions(batch_size=16, chunk_size=50, precision="fp32", cache_dir=str(tmp_path), progress=False)
+    cand.calls = 0
+    out, stats = collect([cand], digits, opts)
+    f, l, y = out["tiny-a"]
+    np.testing.assert_allclose(f, ref_f, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l, ref_l, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(y, digits.labels)
+    assert cand.calls == len(digits) and not stats["tiny-a"].cache_hit
+    out2, stats2 = collect([cand], digits, opts)
+    assert cand.calls == len(digits) and stats2["tiny-a"].cache_hit      # no forward pass the second time
+    np.testing.assert_array_equal(out2["tiny-a"][0], f)
+    assert [e["complete"] for e in FeatureCache(tmp_path).ls()] == [True]
+
+
+def test_bf16_features_rank_like_fp32(tmp_path, digits):
+    cand = TinyCandidate("tiny-b", 1)
+    ref_f, _ = plain_features(cand, digits)
+    out, _ = collect([cand], digits, ExtractOptions(precision="bf16", use_cache=False, progress=False))
+    rel = np.linalg.norm(out["tiny-b"][0] - ref_f) / np.linalg.norm(ref_f)
+    assert rel < 0.05
+
+
+def test_interrupted_extraction_resumes(tmp_path, digits):
+    cands = [TinyCandidate("tiny-a", 0), TinyCandidate("tiny-c", 2)]
+    opts = ExtractOptions(batch_size=16, chunk_size=40, precision="fp32", cache_dir=str(tmp_path), progress=False)
+    seen = []
+
+    def boom(spec, f, l, y):
+        seen.append(spec)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cands, digits, opts, boom)
+    calls_before = [c.calls for c in cands]
+    out, stats = collect(cands, digits, opts)
+    # chunk 0 was finished by both, chunk 1 by the first candidate only: only the rest is recomputed
+    assert cands[0].calls - calls_before[0] == len(digits) - 80
+    assert cands[1].calls - calls_before[1] == len(digits) - 40
+    full, _ = collect(cands, digits, ExtractOptions(precision="fp32", use_cache=False, progress=False))
+    for s in full:
+        np.testing.assert_allclose(out[s][0], full[s][0], rtol=1e-5, atol=1e-6)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_rank_orders_saves_and_reloads(tmp_path, digits):
+    cands = [TinyCandidate("tiny-a", 0), TinyCandidate("tiny-c", 2)]
+    opts = ExtractOptions(precision="fp32", cache_dir=str(tmp_path / "cache"), progress=False)
+    r = rank(cands, digits, metrics=("logme", "leep", "nce"), options=opts, out=tmp_path / "out")
+    feats = {c.spec: plain_features(c, digits)[0] for c in cands}
+    expected = sorted(cands, key=lambda c: -logme(feats[c.spec], digits.labels).score)
+    assert r.top(2) == [c.spec for c in expected]
+    for c in r.candidates:
+        assert c.scores["logme"] == pytest.approx(logme(feats[c.spec], digits.labels).score, rel=1e-4)
+    saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert [c["spec"] for c in saved["candidates"]] == r.top(2)
+    assert (tmp_path / "out" / "ranking.csv").read_text().count("\n") == 3
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "ranking.png").read_bytes()[:4] == b"\x89PNG"
+    back = Ranking.load(tmp_path / "out")
+    assert back.top(1) == r.top(1)
+    w = back.weights[r.top(1)[0]]["weights"]
+    assert w.shape == (10, cands[0].num_features)
+    with pytest.raises(ValueError, match="only 2"):
+        r.top(3)
+
+
+def test_stratified_order_prefixes_keep_proportions():
+    labels = np.repeat([0, 1, 2], [500, 300, 200])
+    order = stratified_order(labels, seed=3)
+    assert sorted(order) == list(range(1000))
+    for k in (10, 50, 100, 400):
+        counts = np.bincount(labels[order[:k]], minlength=3)
+        np.testing.assert_allclose(counts / k, [0.5, 0.3, 0.2], atol=1.5 / k + 1e-9)
+
+
+def test_successive_halving_spends_less_and_keeps_finalists(tmp_path, digits):
+    cands = [TinyCandidate(f"tiny-{i}", i) for i in range(4)]
+    opts = ExtractOptions(precision="fp32", cache_dir=str(tmp_path), progress=False)
+    r = rank(cands, digits, options=opts, budget=30, top_k=1)
+    b = r.budget
+    assert [len(h["candidates"]) for h in b["rounds"]] == [4, 2]
+    assert [h["samples"] for h in b["rounds"]] == [30, 60]
+    assert b["images_scored"] == 4 * 30 + 2 * 60
+    # the cache means each round only extracts the rows its sample adds
+    assert b["forward_passes"] == 4 * 30 + 2 * 30 < b["forward_passes_full_ranking"] == 4 * 120
+    assert [c.rounds for c in r.candidates] == [3, 2, 1, 1]
+    assert r.candidates[0].n == r.candidates[1].n == 60
+    # the winner is the better of the two finalists on the 60-image sample
+    assert r.candidates[0].scores["logme"] >= r.candidates[1].scores["logme"]
