@@ -28,6 +28,7 @@ from hubtune.data import create_dataset, stratified_subsample, transform_for
 from hubtune.features import ExtractOptions, extract
 from hubtune.hub import load_candidate
 from hubtune.ranking import rank
+from hubtune._io import write_json
 from hubtune.scoring import logme
 
 DEFAULT_MODELS = "pkg:efficientnet_lite0,pkg:efficientnet_lite1,pkg:efficientnet_lite2"
@@ -35,7 +36,7 @@ DEFAULT_MODELS = "pkg:efficientnet_lite0,pkg:efficientnet_lite1,pkg:efficientnet
 
 def plain_loop(cand, ds, batch_size):
     transform = transform_for(cand.data_config)
-    model = cand.module.float().eval()
+    cand.module.float().eval()
     feats = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -113,10 +114,7 @@ def main():
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "throughput": throughput, "cache": cache, "successive_halving": halving_report}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hubtune._io import write_json
 from hubtune.scoring import LogME, logme
 from hubtune.scoring.gram import BLOCK_ELEMENTS
 
@@ -114,10 +115,7 @@ def main():
     }
     report["targets"]["speedup_met"] = report["speedup"] >= 8.0
     report["targets"]["score_met"] = report["score_abs_diff"] <= 1e-6
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 
