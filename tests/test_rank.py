@@ -146,3 +146,12 @@ def test_successive_halving_spends_less_and_keeps_finalists(tmp_path, digits):
     assert r.candidates[0].n == r.candidates[1].n == 60
     # the winner is the better of the two finalists on the 60-image sample
     assert r.candidates[0].scores["logme"] >= r.candidates[1].scores["logme"]
+
+
+def test_progress_bars_per_candidate_and_hub(digits, capsys):
+    cands = [TinyCandidate("tiny-a", 0), TinyCandidate("tiny-c", 2)]
+    extract(cands, digits, ExtractOptions(use_cache=False, progress=True, chunk_size=60))
+    err = capsys.readouterr().err
+    assert "hub (2 models)" in err and "tiny-a" in err and "tiny-c" in err
+    extract(cands, digits, ExtractOptions(use_cache=False, progress=False))
+    assert capsys.readouterr().err == ""

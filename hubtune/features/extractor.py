@@ -3,7 +3,8 @@
 Candidates that share a transform (timm data config) share the decoded images: each chunk of the dataset
 is decoded and transformed once and fed to every candidate of the group that still needs it. Inference
 runs under ``torch.inference_mode``, channels-last, with bf16 autocast where the CPU or GPU supports it,
-and ``torch.compile`` when the dataset is large enough to repay compilation. Each chunk of
+and ``torch.compile`` when the dataset is large enough to repay compilation. A progress bar per
+candidate and one for the whole hub show on a terminal (``progress=True`` forces them). Each chunk of
 (features, source logits, labels) is written to the cache and handed to ``on_chunk`` as it is produced,
 so scorers stream and memory stays bounded; a complete cache entry is replayed without a forward pass.
 """
@@ -125,7 +126,14 @@ def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk
     groups: dict[str, list] = {}
     for c in candidates:
         groups.setdefault(transform_key(c.data_config), []).append(c)
-    emit = on_chunk or (lambda *a: None)
+    user_emit = on_chunk or (lambda *a: None)
+    hub_bar = _progress(n * len(candidates), f"hub ({len(candidates)} models)", progress, position=0)
+    bars = {c.spec: _progress(n, c.spec, progress, position=i + 1) for i, c in enumerate(candidates)}
+
+    def emit(spec, feats, logits, labels):
+        bars[spec].update(len(labels))
+        hub_bar.update(len(labels))
+        user_emit(spec, feats, logits, labels)
     precision = options.precision if options.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
 
     for tkey, group in groups.items():
@@ -146,7 +154,6 @@ def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk
         for spec, r in runners.items():
             stats[spec].extra = {"device": str(device), "bf16": r.bf16, "compiled": r.compiled}
         start_row = min(done[c.spec] for c in pending)
-        bar = _progress(n - start_row, f"extract {', '.join(c.spec for c in pending)}", progress)
         for start in range(start_row, n, options.chunk_size):
             stop = min(start + options.chunk_size, n)
             need = [c for c in pending if done[c.spec] < stop]
@@ -165,24 +172,24 @@ def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk
                     entries[c.spec].write_chunk(start + skip, feats, logits, labels[skip:])
                 emit(c.spec, feats, logits, labels[skip:])
                 stats[c.spec].feature_dim = feats.shape[1]
-            bar.update(stop - start)
-        bar.close()
         for c in pending:
             if entries[c.spec] is not None and n == total:
                 entries[c.spec].mark_complete({"n": n, "feature_dim": stats[c.spec].feature_dim})
+    for bar in [*bars.values(), hub_bar]:
+        bar.close()
     return stats
 
 
 class _progress:
     """A tqdm bar when tqdm is installed and progress is wanted; otherwise silent."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, position: int = 0):
         self.bar = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+                self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, position=position)
             except ImportError:
                 pass
 
