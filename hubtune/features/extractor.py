@@ -111,8 +111,6 @@ def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk
     ``on_chunk(spec, features, logits, labels)`` is called for each chunk in row order, whether it came
     from the cache or from a forward pass. Returns per-candidate statistics.
     """
-    from ..data import transform_for
-
     options = options or ExtractOptions()
     device = resolve_device(options.device)
     cache = FeatureCache(options.cache_dir) if options.use_cache else None
@@ -134,50 +132,59 @@ def extract(candidates, dataset, options: ExtractOptions | None = None, on_chunk
         bars[spec].update(len(labels))
         hub_bar.update(len(labels))
         user_emit(spec, feats, logits, labels)
-    precision = options.precision if options.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
 
-    for tkey, group in groups.items():
-        entries, done = {}, {}
-        for c in group:
-            entry = cache.entry(spec=c.spec, identity=c.identity, dataset=dataset.fingerprint,
-                                transform=tkey, precision=precision) if cache else None
-            entries[c.spec] = entry
-            done[c.spec] = min(n, total if entry.complete else entry.rows_done()) if entry else 0
-            for feats, logits, labels in (entry.read(stop=done[c.spec]) if entry else ()):
-                emit(c.spec, feats, logits, labels)
-            stats[c.spec].cache_hit = done[c.spec] >= n
-        pending = [c for c in group if done[c.spec] < n]
-        if not pending:
-            continue
-        transform = transform_for(group[0].data_config)
-        runners = {c.spec: _Runner(c, options, device, n) for c in pending}
-        for spec, r in runners.items():
-            stats[spec].extra = {"device": str(device), "bf16": r.bf16, "compiled": r.compiled}
-        start_row = min(done[c.spec] for c in pending)
-        for start in range(start_row, n, options.chunk_size):
-            stop = min(start + options.chunk_size, n)
-            need = [c for c in pending if done[c.spec] < stop]
-            images = torch.stack([transform(dataset.image(i)) for i in range(start, stop)])
-            labels = np.asarray(dataset.labels[start:stop])
-            for c in need:
-                skip = max(0, done[c.spec] - start)  # rows this candidate already has (resumed mid-chunk)
-                t0 = time.perf_counter()
-                outs = [runners[c.spec](images[b:b + options.batch_size])
-                        for b in range(skip, len(images), options.batch_size)]
-                stats[c.spec].seconds += time.perf_counter() - t0
-                stats[c.spec].computed += len(images) - skip
-                feats = np.concatenate([o[0] for o in outs])
-                logits = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
-                if entries[c.spec] is not None:
-                    entries[c.spec].write_chunk(start + skip, feats, logits, labels[skip:])
-                emit(c.spec, feats, logits, labels[skip:])
-                stats[c.spec].feature_dim = feats.shape[1]
-        for c in pending:
-            if entries[c.spec] is not None and n == total:
-                entries[c.spec].mark_complete({"n": n, "feature_dim": stats[c.spec].feature_dim})
-    for bar in [*bars.values(), hub_bar]:
-        bar.close()
+    precision = options.precision if options.precision != "auto" else ("bf16" if bf16_supported(device) else "fp32")
+    try:
+        for tkey, group in groups.items():
+            _extract_group(group, dataset, n, total, options, device, cache, tkey, precision, stats, emit)
+    finally:
+        for bar in [*bars.values(), hub_bar]:
+            bar.close()
     return stats
+
+
+def _extract_group(group, dataset, n, total, options, device, cache, tkey, precision, stats, emit) -> None:
+    """Candidates sharing one transform: replay what the cache holds, then decode each chunk once for all."""
+    from ..data import transform_for
+
+    entries, done = {}, {}
+    for c in group:
+        entry = cache.entry(spec=c.spec, identity=c.identity, dataset=dataset.fingerprint,
+                            transform=tkey, precision=precision) if cache else None
+        entries[c.spec] = entry
+        done[c.spec] = min(n, total if entry.complete else entry.rows_done()) if entry else 0
+        for feats, logits, labels in (entry.read(stop=done[c.spec]) if entry else ()):
+            emit(c.spec, feats, logits, labels)
+        stats[c.spec].cache_hit = done[c.spec] >= n
+    pending = [c for c in group if done[c.spec] < n]
+    if not pending:
+        return
+    transform = transform_for(group[0].data_config)
+    runners = {c.spec: _Runner(c, options, device, n) for c in pending}
+    for spec, r in runners.items():
+        stats[spec].extra = {"device": str(device), "bf16": r.bf16, "compiled": r.compiled}
+    start_row = min(done[c.spec] for c in pending)
+    for start in range(start_row, n, options.chunk_size):
+        stop = min(start + options.chunk_size, n)
+        need = [c for c in pending if done[c.spec] < stop]
+        images = torch.stack([transform(dataset.image(i)) for i in range(start, stop)])
+        labels = np.asarray(dataset.labels[start:stop])
+        for c in need:
+            skip = max(0, done[c.spec] - start)  # rows this candidate already has (resumed mid-chunk)
+            t0 = time.perf_counter()
+            outs = [runners[c.spec](images[b:b + options.batch_size])
+                    for b in range(skip, len(images), options.batch_size)]
+            stats[c.spec].seconds += time.perf_counter() - t0
+            stats[c.spec].computed += len(images) - skip
+            feats = np.concatenate([o[0] for o in outs])
+            logits = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
+            if entries[c.spec] is not None:
+                entries[c.spec].write_chunk(start + skip, feats, logits, labels[skip:])
+            emit(c.spec, feats, logits, labels[skip:])
+            stats[c.spec].feature_dim = feats.shape[1]
+    for c in pending:
+        if entries[c.spec] is not None and n == total:
+            entries[c.spec].mark_complete({"n": n, "feature_dim": stats[c.spec].feature_dim})
 
 
 class _progress:
