@@ -130,7 +130,8 @@ def _cmd_rank(args) -> int:
         print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
     ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
                    data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
-                   options=options, budget=args.budget, top_k=args.top_k, out=args.out)
+                   options=options, budget=args.budget, top_k=args.top_k, out=args.out,
+                   trust_remote_code=args.trust_remote_code)
     print(ranking.table())
     if args.top_k:
         print(f"top-{args.top_k}: {', '.join(ranking.top(min(args.top_k, len(ranking.candidates))))}")
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--cache-dir")
     rk.add_argument("--no-cache", action="store_true")
     rk.add_argument("--quiet", action="store_true")
+    rk.add_argument("--trust-remote-code", action="store_true",
+                    help="let Hugging Face repos that ship their own model code run it (off by default)")
     rk.set_defaults(func=_cmd_rank)
 
     hb = sub.add_parser("hub", help="list hub candidates or inspect one")

@@ -186,12 +186,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,
          per_class=None, seed=0, options=None, budget: int | None = None, top_k: int | None = None,
-         out=None) -> Ranking:
+         out=None, trust_remote_code: bool = False) -> Ranking:
     """Rank hub models on a dataset.
 
     models: specs (see ``hubtune.hub.ModelSpec``) or loaded ``Candidate`` objects.
     dataset: a registered name, ``imagefolder:PATH``, an ``ImageDataset`` or a torch Dataset.
     metrics: estimator names; the first orders the ranking.
+    trust_remote_code: let Hugging Face repos that ship their own model code run it (off by default).
     budget: successive halving: score every candidate on a stratified sample of ``budget`` images, keep
         the better half, double the sample, and repeat until ``top_k`` (default 1) candidates remain or
         the sample is the whole dataset. Samples are prefixes of one stratified order, so each round
@@ -221,7 +222,7 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         from .hub import load_candidate
 
         try:
-            candidates.append(load_candidate(m))
+            candidates.append(load_candidate(m, trust_remote_code=trust_remote_code))
         except HubtuneError as e:
             warnings.warn(f"skipping {m}: {e}", stacklevel=2)
             skipped[m] = str(e)

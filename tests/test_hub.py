@@ -469,3 +469,169 @@ def test_read_hub_file_errors(tmp_path, name, text, err, needle):
         read_hub_file(f)
     with pytest.raises(InputError, match="does not exist"):
         read_hub_file(tmp_path / "absent.txt")
+
+
+# ------------------------------------------------------------------ hf-hub: transformers image classifiers (hf extra)
+
+@pytest.fixture
+def tiny_vit(tmp_path):
+    """A tiny random ViTForImageClassification and its ViTImageProcessor, saved with save_pretrained."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=5)
+    model = tf.ViTForImageClassification(config).eval()
+    processor = tf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3],
+                                     image_std=[0.4, 0.5, 0.6], resample=3)
+    folder = tmp_path / "vit_saved"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    processor.save_pretrained(str(folder))
+    assert (folder / "model.safetensors").is_file() and (folder / "preprocessor_config.json").is_file()
+    return model, processor, folder
+
+
+def _put_vit(cache, folder, repo="acme/vit", config=None):
+    files = {n: folder / n for n in ("config.json", "model.safetensors", "preprocessor_config.json")}
+    if config is not None:
+        files["config.json"] = config
+    return hf_cache_put(cache, repo, files)
+
+
+def x32(n=3, seed=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hf_hub_transformers_classifier_offline(offline_cache, tiny_vit):
+    model, processor, folder = tiny_vit
+    _put_vit(offline_cache, folder)
+    cand = load_candidate("hf-hub:acme/vit")
+    assert cand.num_features == 32 and cand.num_classes == 5
+    assert cand.num_params == sum(p.numel() for p in model.parameters())
+    assert not cand.module.training
+    x = x32()
+    with torch.no_grad():
+        feats, logits = cand.forward(x)
+        expected = model(pixel_values=x).logits
+        # independent path: the [CLS] token of the final layer norm is what ViT's classifier reads
+        cls_token = model.vit(pixel_values=x).last_hidden_state[:, 0]
+        again = cand.module.get_classifier()(feats)
+    assert feats.shape == (3, 32) and logits.shape == (3, 5)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, cls_token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(cand.module(x), expected, rtol=1e-5, atol=1e-5)
+    dc = cand.data_config
+    assert dc["input_size"] == (3, processor.size["height"], processor.size["width"]) == (3, 32, 32)
+    assert dc["mean"] == pytest.approx(tuple(processor.image_mean))
+    assert dc["std"] == pytest.approx(tuple(processor.image_std))
+    assert dc["interpolation"] == "bicubic" and dc["crop_pct"] == 1.0 and dc["crop_mode"] == "center"
+    # the identity is keyed by the weights file's sha256
+    import hashlib
+
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    from hubtune.hub.candidate import identity_of
+
+    assert cand.identity == identity_of(ModelSpec.parse("hf-hub:acme/vit"), digest)
+    info = candidate_info("hf-hub:acme/vit")
+    assert info["architecture"] == "ViTForImageClassification" and info["cached"] is True
+    assert info["num_classes"] == 5 and info["input_size"] == (3, 32, 32)
+    assert info["num_params"] == cand.num_params
+    assert str(offline_cache) in info["weights_location"]
+    # the data config drives hubtune's per-model transform
+    from PIL import Image
+
+    from hubtune.data.transforms import transform_for
+
+    assert transform_for(dc)(Image.new("L", (50, 40))).shape == (3, 32, 32)
+
+
+def test_hf_hub_transformers_random_init(offline_cache, tiny_vit):
+    _, _, folder = tiny_vit
+    _put_vit(offline_cache, folder)
+    cand = load_candidate("hf-hub:acme/vit", pretrained=False)
+    feats, logits = cand.forward(x32(2))
+    assert feats.shape == (2, 32) and logits.shape == (2, 5)
+
+
+def test_hf_hub_transformers_remote_code_refused(offline_cache, tiny_vit, tmp_path):
+    _, _, folder = tiny_vit
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForImageClassification": "modeling_evil.EvilForImageClassification"}
+    evil = tmp_path / "evil_config.json"
+    evil.write_text(json.dumps(cfg))
+    _put_vit(offline_cache, folder, repo="acme/evil", config=evil)
+    with pytest.raises(SpecError) as e:
+        load_candidate("hf-hub:acme/evil")
+    assert "trust_remote_code=True" in str(e.value) and "hf-hub:acme/evil" in str(e.value)
+
+
+def test_hf_hub_transformers_missing_extra(offline_cache, tiny_vit, monkeypatch):
+    from hubtune.errors import MissingExtraError
+
+    _, _, folder = tiny_vit
+    _put_vit(offline_cache, folder)
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(MissingExtraError) as e:
+        load_candidate("hf-hub:acme/vit")
+    assert "hubtune[hf]" in str(e.value) and e.value.extra == "hf" and isinstance(e.value, ImportError)
+    info = candidate_info("hf-hub:acme/vit")  # what config.json says, without transformers
+    assert info["num_classes"] == 5 and info["num_params"] is None and info["cached"] is True
+
+
+def test_hf_hub_transformers_not_a_classifier(offline_cache, tiny_vit, tmp_path):
+    _, _, folder = tiny_vit
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["ViTModel"]
+    other = tmp_path / "base_config.json"
+    other.write_text(json.dumps(cfg))
+    _put_vit(offline_cache, folder, repo="acme/base", config=other)
+    with pytest.raises(SpecError, match="ForImageClassification"):
+        load_candidate("hf-hub:acme/base")
+
+
+@pytest.mark.parametrize("pp, expected", [
+    ({"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
+      "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+     {"input_size": (3, 224, 224), "crop_pct": 224 / 256, "interpolation": "bilinear", "mean": (0.5,) * 3}),
+    ({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3},
+     {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic"}),
+    ({"size": 384, "resample": 3, "do_normalize": False},
+     {"input_size": (3, 384, 384), "crop_pct": 1.0, "mean": (0.0,) * 3, "std": (1.0,) * 3}),
+    (None, {"input_size": (3, 64, 64), "crop_pct": 1.0}),
+])
+def test_transformers_data_config(pp, expected):
+    from hubtune.hub._transformers import data_config_from_processor
+
+    got = data_config_from_processor(pp, {"image_size": 64})
+    for k, v in expected.items():
+        assert got[k] == (pytest.approx(v) if isinstance(v, (float, tuple)) else v), k
+    assert got["crop_mode"] == "center"
+
+
+def test_hf_hub_transformers_bin_and_sharded(offline_cache, tiny_vit, tmp_path):
+    import copy
+    import os
+
+    model, _, folder = tiny_vit
+    x = x32(2)
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    hf_cache_put(offline_cache, "acme/vit-bin", {"config.json": folder / "config.json",
+                                                 "pytorch_model.bin": tmp_path / "pytorch_model.bin"})
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="20KB")
+    names = os.listdir(sharded)
+    assert "model.safetensors.index.json" in names and len(names) > 3
+    hf_cache_put(offline_cache, "acme/vit-shards", {n: sharded / n for n in names})
+    idents = set()
+    for repo in ("acme/vit-bin", "acme/vit-shards"):
+        cand = load_candidate(f"hf-hub:{repo}")
+        with torch.no_grad():
+            torch.testing.assert_close(cand.forward(x)[1], expected, rtol=1e-5, atol=1e-5)
+        copy.deepcopy(cand.module)  # nothing of the last batch is kept on the module
+        idents.add(cand.identity)
+        assert candidate_info(f"hf-hub:{repo}")["cached"] is True
+    assert len(idents) == 2
+    assert cand.data_config["input_size"] == (3, 32, 32)  # no preprocessor_config.json: config.image_size

@@ -43,7 +43,8 @@ def load_candidate(spec: str | ModelSpec, pretrained: bool = True, trust_remote_
 
     Raises ``SpecError`` for a malformed spec, ``ModelNotFoundError`` for an unknown architecture, repo or
     path, ``WeightsNotAvailableError`` when the weights are not local and cannot be fetched.
-    ``trust_remote_code`` is passed to the source; no built-in source ever runs remote code.
+    ``trust_remote_code`` is passed to the source: only a transformers repo whose config names its own
+    code (``auto_map``) runs it, and only when this is True; nothing else ever runs remote code.
     """
     spec = ModelSpec.parse(spec)
     loaded = SOURCES.get(spec.kind).load(spec, pretrained, trust_remote_code)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModelNotFoundError, SpecError, WeightsNotAvailableError
 from ..registry import Registry
+from . import _transformers as TF
 from . import _weights as W
 from .packaged import PACKAGED, packaged_arch, packaged_data_config, packaged_weights_path, remap_lite_state_dict
 from .spec import ModelSpec
@@ -233,17 +234,78 @@ class TimmSource:
 
 @register_source("hf-hub")
 class HfHubSource:
-    """A timm-format HF Hub repo: ``config.json`` plus ``model.safetensors`` (or ``pytorch_model.bin``)."""
+    """A Hugging Face Hub repo: timm format (``config.json`` naming an ``architecture``, plus
+    ``model.safetensors`` or ``pytorch_model.bin``), or, with the ``hf`` extra, a transformers image classifier
+    (``config.json`` with ``model_type``, ``preprocessor_config.json``, safetensors first; see
+    :mod:`hubtune.hub._transformers`). Remote code runs only with ``trust_remote_code=True``."""
 
     WEIGHTS = ["model.safetensors", "pytorch_model.bin"]
+    TF_WEIGHTS = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json"]
+
+    @staticmethod
+    def _read_config(path: Path, spec: str) -> dict:
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SpecError(f"{spec}: cannot read {path} as JSON ({e}); a hub repo's config.json must be JSON") from None
+        if not isinstance(cfg, dict):
+            raise SpecError(f"{spec}: {path} holds no JSON object; it is not a timm or transformers config.json")
+        return cfg
 
     @classmethod
     def load(cls, spec: ModelSpec, pretrained: bool, trust_remote_code: bool) -> Loaded:
         s = str(spec)
         config = W.hf_file(s, spec.name, ["config.json"], spec.revision, what="config.json")
+        cfg = cls._read_config(config, s)
+        if TF.is_transformers_config(cfg):
+            return cls._load_transformers(spec, cfg, config, pretrained, trust_remote_code)
         arch, kwargs, pcfg = read_timm_config(config, s)
         weights = W.hf_file(s, spec.name, cls.WEIGHTS, spec.revision) if pretrained else None
         return _from_config(s, arch, kwargs, pcfg, weights, f"{spec.name}")
+
+    @classmethod
+    def _load_transformers(cls, spec: ModelSpec, cfg: dict, config: Path, pretrained: bool,
+                           trust_remote_code: bool) -> Loaded:
+        s = str(spec)
+        TF.check_config(cfg, s, trust_remote_code)
+        TF.transformers_module()  # fail early, naming the extra, before anything is fetched
+        processor = W.hf_cached_file(spec.name, ["preprocessor_config.json"], spec.revision)
+        if processor is None and not W.hf_offline():
+            try:
+                processor = W.hf_file(s, spec.name, ["preprocessor_config.json"], spec.revision,
+                                      what="preprocessor_config.json")
+            except WeightsNotAvailableError:  # the repo has none: defaults from config.json
+                processor = None
+        files = [config] + ([processor] if processor else [])
+        for name in TF.remote_code_files(cfg) if trust_remote_code else []:
+            files.append(W.hf_file(s, spec.name, [name], spec.revision, what=f"remote code file {name}"))
+        weights: list[Path] = []
+        use_st = False
+        if pretrained:
+            first = W.hf_file(s, spec.name, cls.TF_WEIGHTS, spec.revision)
+            use_st = first.name.startswith("model.safetensors")  # the file or its shard index
+            weights = [first]
+            if first.name.endswith(".index.json"):
+                weights = [W.hf_file(s, spec.name, [n], spec.revision, what=f"weights shard {n}")
+                           for n in TF.shard_names(first)]
+                files.append(first)
+            files += weights
+        folder = config.parent
+        stray = [str(f) for f in files if f.parent != folder]
+        if stray:
+            raise SpecError(
+                f"{s}: the Hugging Face cache holds files of {spec.name} from different revisions ({folder} and "
+                f"{', '.join(stray)}); pin one revision with hf-hub:{spec.name}@COMMIT, or clear the repo from "
+                f"the cache {W.hf_cache_dir()} and fetch it again")
+        pp = cls._read_config(processor, s) if processor else None
+        data_config = TF.data_config_from_processor(pp, cfg)
+        model = TF.load_model(folder, s, pretrained, use_st, trust_remote_code)
+        module = TF.TransformersClassifier(model, s).eval()
+        if not pretrained:
+            return Loaded(module, data_config, W.state_dict_sha256(module), "random init")
+        where = str(weights[0]) if len(weights) == 1 else str(files[-len(weights) - 1])
+        return Loaded(module, data_config, TF.weights_hash(weights), where)
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
@@ -251,10 +313,21 @@ class HfHubSource:
         config = W.hf_cached_file(spec.name, ["config.json"], spec.revision)
         if config is None and not W.hf_offline():
             config = W.hf_file(s, spec.name, ["config.json"], spec.revision, what="config.json")
-        weights = W.hf_cached_file(spec.name, cls.WEIGHTS, spec.revision)
+        cfg = cls._read_config(config, s) if config is not None else {}
+        transformers_repo = TF.is_transformers_config(cfg)
+        names = cls.TF_WEIGHTS if transformers_repo else cls.WEIGHTS
+        weights = W.hf_cached_file(spec.name, names, spec.revision)
         out = {"architecture": None, "num_params": None, "num_classes": None, "input_size": None,
                "pretrained_tag": None}
-        if config is not None:
+        if transformers_repo:
+            archs = cfg.get("architectures") or []
+            processor = W.hf_cached_file(spec.name, ["preprocessor_config.json"], spec.revision)
+            pp = cls._read_config(processor, s) if processor else None
+            out.update(architecture=archs[0] if archs else cfg.get("model_type"),
+                       num_classes=TF.num_classes_of(cfg),
+                       input_size=TF.data_config_from_processor(pp, cfg)["input_size"],
+                       num_params=None if cfg.get("auto_map") else TF.count_params_meta(config))
+        elif config is not None:
             arch, kwargs, pcfg = read_timm_config(config, s)
             out.update(_meta_info(s, arch, kwargs, pcfg))
         out.update(weights_location=str(weights) if weights else
