@@ -67,3 +67,7 @@ class ModelNotFoundError(InputError):
 
 class WeightsNotAvailableError(InputError):
     """The model is known but its weights are not on this machine and cannot be fetched (offline)."""
+
+
+class ConfigError(InputError):
+    """A training configuration value is out of range or unknown; the message names it and the allowed values."""

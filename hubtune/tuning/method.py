@@ -1,0 +1,74 @@
+"""The method protocol: a method defines loss terms, the :class:`~hubtune.tuning.engine.Engine` owns the loop.
+
+A new method is one file::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        def losses(self, batch):  # batch["input"], batch.get("target")
+            ...
+            return {"total": ce + reg, "ce": ce, "reg": reg}
+
+        def predict(self, x):
+            return self.model(x)
+
+        def model_to_save(self):
+            return self.model
+"""
+from __future__ import annotations
+
+import torch
+
+from ..registry import Registry
+
+METHODS: Registry = Registry("tuning method")
+
+
+def register_method(name: str):
+    """Class decorator: registers a :class:`Method` subclass under ``name`` and sets ``cls.name``."""
+
+    def decorator(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+class Method(torch.nn.Module):
+    """Defines loss terms only; the Engine owns the loop.
+
+    ``forward(batch)`` is ``losses(batch)`` so that a ``DistributedDataParallel`` wrapper (which hooks
+    ``forward``) synchronises the gradients of every term.
+    """
+
+    name = ""
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; must include ``"total"`` (the one that is back-propagated).
+
+        ``batch`` has ``"input"`` and, except for label-free methods, ``"target"``."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.losses(batch)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``, used for evaluation."""
+        raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups; the default is one group of every trainable parameter at ``lr``.
+
+        A group's ``lr`` is its starting learning rate: the engine's scheduler scales every group by the
+        same factor, so per-group multipliers are kept throughout."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def model_to_save(self) -> torch.nn.Module:
+        """The tuned model (a timm model), saved as ``model.safetensors`` + ``config.json``."""
+        raise NotImplementedError
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Called by the engine before each epoch (0-based); schedules such as a GRL warm-up use it."""
+
+    def hparams(self) -> dict:
+        """The method's hyper-parameters, written to ``report.json``."""
+        return {}
