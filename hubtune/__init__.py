@@ -5,7 +5,8 @@ from . import errors  # noqa: E402
 from .ranking import Ranking, rank  # noqa: E402
 from .scoring import create_estimator, hscore, leep, list_estimators, logme, nce  # noqa: E402
 
-_LAZY = {"load_candidate": "hub", "ModelSpec": "hub", "create_dataset": "data", "ExtractOptions": "features"}
+_LAZY = {"load_candidate": "hub", "ModelSpec": "hub", "create_dataset": "data", "ExtractOptions": "features",
+         "tune": "tuning.api", "make_transferable": "tuning.api"}
 
 
 def __getattr__(name):  # torch and timm load only when the hub, data or extraction API is used
@@ -17,4 +18,5 @@ def __getattr__(name):  # torch and timm load only when the hub, data or extract
 
 
 __all__ = ["errors", "rank", "Ranking", "create_estimator", "list_estimators", "logme", "leep", "nce", "hscore",
-           "load_candidate", "ModelSpec", "create_dataset", "ExtractOptions", "__version__"]
+           "load_candidate", "ModelSpec", "create_dataset", "ExtractOptions", "tune", "make_transferable",
+           "__version__"]

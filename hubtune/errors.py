@@ -71,3 +71,8 @@ class WeightsNotAvailableError(InputError):
 
 class ConfigError(InputError):
     """A training configuration value is out of range or unknown; the message names it and the allowed values."""
+
+
+class TeacherCacheError(ConfigError):
+    """A cached teacher output file is missing, belongs to another teacher or dataset, or does not match the
+    inputs the student sees (augmentation); the message says how to rewrite or disable the cache."""

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture(params=["numpy", "numba"])
@@ -16,3 +17,12 @@ def make_classification(n, d, classes, seed=0, gaps=False, dtype=np.float64):
     if gaps:
         y = y * 3
     return F.astype(dtype), y
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; two threads on a busy 2-core box are ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

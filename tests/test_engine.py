@@ -19,13 +19,7 @@ from hubtune.tuning import (  # noqa: E402
     METHODS, Engine, FineTune, Method, TrainConfig, bss_penalty, register_method, transfer_weights)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core box are ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_classes=10, seed=0, **kw):

@@ -1,0 +1,249 @@
+"""Domain-adversarial adaptation: ``@register_method("dann")`` and ``@register_method("cdan")``.
+
+Unsupervised domain adaptation: labelled source images, unlabelled target images, evaluation on the
+target domain's labelled test set. Both methods are one class, :class:`DomainAdversarial`:
+
+* **Model.** A timm backbone (a model or a spec, loaded by ``load_candidate``), its classifier replaced by
+  a new head for ``num_classes`` (every other tensor is kept), optionally preceded by a bottleneck
+  (``Linear -> BatchNorm1d -> ReLU`` to ``bottleneck_dim``). The bottleneck is installed *inside* the timm
+  model, in place of its classifier (``fc = Sequential(bottleneck, head)``), so ``model(x)`` gives the
+  logits; without a bottleneck the tuned model is a plain timm model that ``load_candidate("local-dir:OUT")``
+  loads back, with one its state dict has the extra ``fc.0.*``/``fc.1.*`` keys and must be loaded into
+  the method (``DomainAdversarial(...).load_state_dict``).
+* **Loss.** ``total = CE(source logits, source labels) + trade_off * adversarial``, the adversarial term
+  being :class:`~hubtune.tuning.losses.DomainAdversarialLoss` (DANN; Ganin & Lempitsky, ICML 2015) on the
+  (source, target) features, or :class:`~hubtune.tuning.losses.ConditionalDomainAdversarialLoss` (CDAN;
+  Long et al., NeurIPS 2018) on (features, logits): multilinear map, randomized when
+  ``features * classes > 4096`` (or as ``randomized`` says), entropy conditioning with
+  ``entropy_conditioning=True`` (CDAN+E). Source and target pass through the backbone as one batch (as in
+  tllib), so BatchNorm sees both domains.
+* **GRL.** A :class:`~hubtune.tuning.losses.WarmStartGRL` whose coefficient rises from 0 to 1 over
+  ``grl_max_iters`` steps; every training-mode ``losses()`` call advances it by one step (it is part of the
+  state dict, so a resumed run continues the schedule).
+* **Batches.** ``{"input": source images, "target": source labels, "target_input": target images}``;
+  :class:`PairedDataset` makes them from two datasets for the :class:`~hubtune.tuning.engine.Engine`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .finetune import _head_names, transfer_weights
+from .losses import (ConditionalDomainAdversarialLoss, DomainAdversarialLoss, DomainDiscriminator,
+                     WarmStartGRL)
+from .method import Method, register_method
+
+__all__ = ["PairedDataset", "DomainAdversarial", "DANN", "CDAN"]
+
+
+def _input_of(item):
+    if isinstance(item, dict):
+        return item["input"]
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    return item
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Source items paired with unlabelled target inputs, for the Engine.
+
+    ``source[i]`` is ``(input, label)`` (or ``{"input", "target"}``); ``target[j]`` is an input, an
+    ``(input, label)`` pair (the label is ignored) or a dict with ``"input"``. Item ``i`` is
+    ``{"input": source input i, "target": source label i, "target_input": target[perm[i % n_t]]}`` where
+    ``perm`` is ``torch.randperm(n_t)`` drawn once from a generator seeded with ``seed``: deterministic
+    from the index alone (so it works with any sampler, DataLoader workers and DDP), every target item is
+    used once per ``n_t`` source items (the target set is cycled when it is smaller, and a random
+    ``len(source)``-sized part of it is used when it is larger). The length is ``len(source)``; the Engine's
+    per-epoch shuffle of the source indices re-mixes which pairs share a batch.
+    """
+
+    def __init__(self, source, target, seed: int = 0):
+        if len(source) == 0 or len(target) == 0:
+            raise ConfigError(f"PairedDataset needs non-empty source and target datasets, got "
+                              f"{len(source)} and {len(target)} items")
+        self.source, self.target, self.seed = source, target, int(seed)
+        self.perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(self.seed))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def target_index(self, i: int) -> int:
+        return int(self.perm[i % len(self.perm)])
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.source[i]
+        if isinstance(item, dict):
+            x, y = item["input"], item["target"]
+        else:
+            x, y = item
+        return {"input": x, "target": y, "target_input": _input_of(self.target[self.target_index(i)])}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+class DomainAdversarial(Method):
+    """DANN (``conditional=False``) or CDAN (``conditional=True``) on a timm backbone.
+
+    Parameters: ``model`` (timm model or spec), ``num_classes``; ``bottleneck_dim`` (None: no bottleneck);
+    ``trade_off`` (weight of the adversarial term); ``hidden`` (discriminator width); ``grl_alpha``,
+    ``grl_max_iters`` (the warm-up schedule); ``backbone_lr_mult`` (the backbone's LR multiplier; the head,
+    bottleneck and discriminator train at the full LR); CDAN only: ``randomized``, ``randomized_dim``,
+    ``entropy_conditioning``; ``seed`` (new head, bottleneck, discriminator and random map).
+    """
+
+    conditional = False
+
+    def __init__(self, model, num_classes: int, *, bottleneck_dim: int | None = None, trade_off: float = 1.0,
+                 hidden: int = 1024, grl_alpha: float = 10.0, grl_max_iters: int = 1000,
+                 backbone_lr_mult: float = 0.1, randomized: bool | None = None, randomized_dim: int = 1024,
+                 entropy_conditioning: bool = False, pretrained: bool = True, seed: int = 0,
+                 conditional: bool | None = None):
+        super().__init__()
+        if conditional is not None:
+            self.conditional = bool(conditional)
+        if isinstance(model, str):
+            from ..hub import load_candidate
+
+            model = load_candidate(model, pretrained=pretrained).module
+        if not hasattr(model, "reset_classifier") or not hasattr(model, "get_classifier"):
+            raise ConfigError(f"{self.name or 'DomainAdversarial'} needs a timm model "
+                              f"(reset_classifier/get_classifier), got {type(model).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes={num_classes!r} is invalid: give a whole number >= 1")
+        if bottleneck_dim is not None and (not isinstance(bottleneck_dim, int) or bottleneck_dim < 1):
+            raise ConfigError(f"bottleneck_dim={bottleneck_dim!r} is invalid: give None or a whole number >= 1")
+        for nm, v in (("trade_off", trade_off), ("backbone_lr_mult", backbone_lr_mult)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{nm}={v!r} is invalid: give a number >= 0")
+        source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            target = copy.deepcopy(model)
+            target.reset_classifier(num_classes)
+            head_names = _head_names(target)
+            self.copy_report = transfer_weights(source_state, target, skip=head_names)
+            width = int(getattr(target, "head_hidden_size", None) or target.num_features)
+            head = target.get_classifier()
+            head_path = next(n for n, m in target.named_modules() if m is head)
+            if bottleneck_dim is not None:
+                bottleneck = nn.Sequential(nn.Linear(width, bottleneck_dim), nn.BatchNorm1d(bottleneck_dim),
+                                           nn.ReLU())
+                head = nn.Linear(bottleneck_dim, num_classes)
+                _set_submodule(target, head_path, nn.Sequential(bottleneck, head))
+                width = bottleneck_dim
+            self.model = target.train()
+            self._head_path = head_path
+            self.features_dim = width
+            grl = WarmStartGRL(alpha=grl_alpha, lo=0.0, hi=1.0, max_iters=grl_max_iters)
+            if self.conditional:
+                if randomized is None:
+                    randomized = width * num_classes > 4096
+                map_dim = randomized_dim if randomized else width * num_classes
+                self.adversary = ConditionalDomainAdversarialLoss(
+                    DomainDiscriminator(map_dim, hidden), grl, num_classes=num_classes, features_dim=width,
+                    randomized=randomized, randomized_dim=randomized_dim,
+                    entropy_conditioning=entropy_conditioning, seed=seed)
+            else:
+                self.adversary = DomainAdversarialLoss(DomainDiscriminator(width, hidden), grl)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        self.num_classes = num_classes
+        self.bottleneck_dim = bottleneck_dim
+        self.trade_off = float(trade_off)
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self._hp = {"num_classes": num_classes, "bottleneck_dim": bottleneck_dim, "trade_off": self.trade_off,
+                    "hidden": hidden, "grl_alpha": grl_alpha, "grl_max_iters": grl_max_iters,
+                    "backbone_lr_mult": self.backbone_lr_mult, "seed": seed}
+        if self.conditional:
+            self._hp.update(randomized=self.adversary.randomized, randomized_dim=randomized_dim,
+                            entropy_conditioning=bool(entropy_conditioning))
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def grl(self) -> WarmStartGRL:
+        return self.adversary.grl
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.adversary.discriminator
+
+    def classifier(self) -> nn.Module:
+        """Pooled backbone features -> logits (bottleneck included when there is one)."""
+        return self.model.get_submodule(self._head_path)
+
+    def bottleneck(self) -> nn.Module:
+        return self.classifier()[0] if self.bottleneck_dim is not None else nn.Identity()
+
+    def head(self) -> nn.Module:
+        return self.classifier()[1] if self.bottleneck_dim is not None else self.classifier()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the adversary sees: pooled backbone features, through the bottleneck if any."""
+        m = self.model
+        f = m.forward_head(m.forward_features(x), pre_logits=True)
+        return self.bottleneck()(f.reshape(f.shape[0], -1))
+
+    def param_groups(self, lr: float) -> list[dict]:
+        head_ids = {id(p) for p in self.classifier().parameters()}
+        backbone = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        head = [p for p in self.classifier().parameters() if p.requires_grad]
+        disc = [p for p in self.adversary.parameters() if p.requires_grad]
+        m = self.backbone_lr_mult
+        return [{"params": backbone, "lr": lr * m, "lr_mult": m, "name": "backbone"},
+                {"params": head, "lr": lr, "lr_mult": 1.0, "name": "head"},
+                {"params": disc, "lr": lr, "lr_mult": 1.0, "name": "discriminator"}]
+
+    # ---------------------------------------------------------------- losses
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        if "target_input" not in batch:
+            raise ConfigError(f"method {self.name!r} needs batches with 'target_input' (unlabelled target "
+                              "images) besides 'input' and 'target'; wrap the datasets in PairedDataset")
+        x_s, x_t = batch["input"], batch["target_input"]
+        n_s = x_s.shape[0]
+        f = self.features(torch.cat([x_s, x_t], dim=0))
+        logits = self.head()(f)
+        f_s, f_t = f[:n_s], f[n_s:]
+        l_s, l_t = logits[:n_s], logits[n_s:]
+        ce = F.cross_entropy(l_s.float(), batch["target"])
+        coeff = self.grl.coeff
+        if self.conditional:
+            adv = self.adversary(f_s.float(), f_t.float(), l_s.float(), l_t.float())
+        else:
+            adv = self.adversary(f_s.float(), f_t.float())
+        if self.training:
+            self.grl.step()
+        transfer = adv["total"]
+        return {"total": ce + self.trade_off * transfer, "ce": ce.detach(), "transfer": transfer.detach(),
+                "domain_acc": adv["domain_acc"].detach(), "grl_coeff": ce.new_tensor(coeff).detach()}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def model_to_save(self) -> torch.nn.Module:
+        return self.model
+
+    def hparams(self) -> dict:
+        return dict(self._hp, conditional=self.conditional,
+                    copy_report={k: len(v) for k, v in self.copy_report.items()})
+
+
+@register_method("dann")
+class DANN(DomainAdversarial):
+    """Domain-Adversarial Neural Network (Ganin & Lempitsky, ICML 2015); see :class:`DomainAdversarial`."""
+
+    conditional = False
+
+
+@register_method("cdan")
+class CDAN(DomainAdversarial):
+    """Conditional Domain Adversarial Network (Long et al., NeurIPS 2018); see :class:`DomainAdversarial`."""
+
+    conditional = True

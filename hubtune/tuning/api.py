@@ -1,0 +1,235 @@
+"""The tuning API: ``tune(...)`` runs a registered method end to end; ``make_transferable(...)`` gives a method
+for your own training loop.
+
+    >>> report = tune("finetune", model="resnet18", dataset="digits", epochs=3, out="runs/ft")
+    >>> report = tune("dann", ranking="runs/rank", top_k=1, dataset="imagefolder:A", target_dataset="imagefolder:B",
+    ...               epochs=5, out="runs/dann", config="tune.yaml", trade_off=0.5)
+    >>> method = make_transferable(my_timm_model, "cdan", num_classes=10)
+    >>> terms = method.losses({"input": xs, "target": ys, "target_input": xt}); terms["total"].backward()
+
+Settings are resolved as ``TrainConfig`` defaults <- ``config`` (a dict or a YAML file) <- explicit arguments.
+A config may hold any :class:`~hubtune.tuning.engine.TrainConfig` field (``epochs``, ``batch_size``, ``lr``,
+``optimizer``, ...), any of ``tune``'s own arguments (``method``, ``model``, ``ranking``, ``top_k``,
+``teacher``, ``dataset``, ``target_dataset``, ``eval_dataset``, ``num_classes``, ``max_samples``,
+``data_dir``, ``out``, ``resume``) and ``method_args:`` (a mapping of the method's keyword arguments);
+any other key is an error that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .engine import Engine, TrainConfig
+from .method import METHODS, Method
+
+__all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "ADAPTATION_METHODS",
+           "TUNE_KEYS"]
+
+#: methods trained on (labelled source, unlabelled target) pairs and evaluated on the target's test split
+ADAPTATION_METHODS = ("dann", "cdan")
+TUNE_KEYS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
+             "num_classes", "max_samples", "data_dir", "out", "resume", "method_args")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _ensure_registered() -> None:
+    """Import every method module so that METHODS is complete."""
+    from . import adaptation, finetune, kd  # noqa: F401
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """An :class:`~hubtune.data.ImageDataset` seen through a model's transform: items ``(tensor, label)``."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.dataset.image(i)), int(self.dataset.labels[i])
+
+
+def load_tune_config(config) -> dict:
+    """``None``, a dict, or a path to a YAML (or JSON) file -> a dict, its keys checked (see the module doc)."""
+    if config is None:
+        return {}
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file of tune settings")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        where = str(path)
+    else:
+        data, where = config, "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(TRAIN_KEYS) - set(TUNE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: training "
+                          f"{', '.join(TRAIN_KEYS)}; tune {', '.join(TUNE_KEYS)} (method_args: a mapping "
+                          "of the method's own arguments)")
+    if data.get("method_args") is not None and not isinstance(data["method_args"], dict):
+        raise ConfigError(f"{where}: method_args must be a mapping, got {type(data['method_args']).__name__}")
+    return data
+
+
+def _accepts(cls, name: str) -> bool:
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def make_transferable(model, method: str, **kwargs) -> Method:
+    """The registered method ``method`` built around ``model`` (a timm model or a spec): call
+    ``m.losses(batch)`` in your own loop to get ``{"total": ..., term: ...}`` and back-propagate ``"total"``;
+    ``m.predict(x)`` gives logits, ``m.param_groups(lr)`` the optimizer groups (discriminators, feature
+    matchers and heads included), ``m.model_to_save()`` the tuned timm model. ``kwargs`` go to the method
+    (``num_classes``, ``teacher``, ``trade_off``, ...)."""
+    _ensure_registered()
+    cls = METHODS.get(method)
+    return cls(model, **kwargs)
+
+
+def _dataset(spec, split, data_dir, max_samples, seed, transform):
+    from ..data import create_dataset, stratified_subsample
+
+    ds = create_dataset(spec, split=split, data_dir=data_dir)
+    if max_samples:
+        ds = stratified_subsample(ds, max_samples=int(max_samples), seed=seed)
+    return ds, TransformedDataset(ds, transform)
+
+
+def _eval_split(spec, data_dir) -> tuple:
+    """The test split of a registered dataset; for an image folder (no splits) the same folder."""
+    if isinstance(spec, str) and spec.startswith("imagefolder"):
+        return spec, "train"
+    return spec, "test"
+
+
+def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | None = None, teacher=None,
+         dataset=None, target_dataset=None, eval_dataset=None, num_classes: int | None = None,
+         epochs: int | None = None, out=None, config=None, resume: bool | None = None,
+         max_samples: int | None = None, data_dir=None, batch_size: int | None = None, lr: float | None = None,
+         device: str | None = None, precision: str | None = None, train: dict | None = None,
+         **method_kwargs) -> dict:
+    """Tune a model with a registered method and return the Engine's report (also ``OUT/report.json``).
+
+    The model is ``model`` (a spec or a timm model) or, with ``ranking`` (a ``hubtune rank --out`` folder),
+    ``Ranking.load(ranking).top(top_k)[0]`` (the best; for a method that takes ``teacher`` and none is given,
+    the next ``top_k - 1`` specs become the teachers). Images go through the candidate's evaluation transform
+    (``transform_for(candidate.data_config)``). Training data: ``dataset`` train split (at most
+    ``max_samples``, stratified); evaluation: its test split, or for ``dann``/``cdan`` the test split of
+    ``target_dataset`` (whose train split gives the unlabelled target images). ``eval_dataset`` overrides the
+    evaluation set. Settings: TrainConfig defaults <- ``config`` <- ``train`` (a dict of TrainConfig fields)
+    <- the explicit arguments; ``method_kwargs`` (over ``config["method_args"]``) go to the method."""
+    _ensure_registered()
+    from ..data import transform_for
+    from ..hub import load_candidate
+
+    cfg = load_tune_config(config)
+    explicit = {"method": method, "model": model, "ranking": ranking, "top_k": top_k, "teacher": teacher,
+                "dataset": dataset, "target_dataset": target_dataset, "eval_dataset": eval_dataset,
+                "num_classes": num_classes, "max_samples": max_samples, "data_dir": data_dir, "out": out,
+                "resume": resume}
+    s = {k: cfg.get(k) for k in TUNE_KEYS}
+    s.update({k: v for k, v in explicit.items() if v is not None})
+    if model is not None and ranking is None:  # an explicit choice of model replaces the config's
+        s["ranking"] = None
+    if ranking is not None and model is None:
+        s["model"] = None
+    margs = dict(cfg.get("method_args") or {})
+    margs.update(method_kwargs)
+    tcfg = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
+    tcfg.update(train or {})
+    tcfg.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+                                   "precision": precision}.items() if v is not None})
+
+    if not s["method"]:
+        raise ConfigError(f"no method given; choose one of: {', '.join(METHODS.names())}")
+    cls = METHODS.get(s["method"])
+    if not s["dataset"]:
+        raise ConfigError("no dataset given; pass dataset= (a registered name or 'imagefolder:PATH')")
+    adapt = s["method"] in ADAPTATION_METHODS
+    if adapt and not s["target_dataset"]:
+        raise ConfigError(f"method {s['method']!r} adapts to a target domain: pass target_dataset= "
+                          "(its train split gives unlabelled images, its test split the evaluation)")
+    if s["out"]:
+        tcfg["out_dir"] = str(s["out"])
+    if s["resume"] is not None:
+        tcfg["resume"] = bool(s["resume"])
+    k = int(s["top_k"] or 1)
+    teachers = []
+    if s["model"] is not None and s["ranking"]:
+        raise ConfigError("give either model= or ranking=, not both")
+    if s["model"] is not None:
+        spec = s["model"]
+    elif s["ranking"]:
+        from ..ranking import Ranking
+
+        top = Ranking.load(s["ranking"]).top(k)
+        spec, teachers = top[0], top[1:]
+    else:
+        raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
+                          "ranking= (a `hubtune rank --out` folder) with top_k=")
+    train_config = TrainConfig(**tcfg)  # validated before anything heavy is loaded
+
+    if isinstance(spec, torch.nn.Module):
+        from timm.data import resolve_data_config
+
+        module, data_config, spec_name = spec, resolve_data_config({}, model=spec), type(spec).__name__
+    else:
+        cand = load_candidate(spec)
+        module, data_config, spec_name = cand.module, cand.data_config, cand.spec
+    transform = transform_for(data_config)
+    seed = train_config.seed
+    src_ds, train_ds = _dataset(s["dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+    if adapt:
+        from .adaptation import PairedDataset
+
+        _, tgt_train = _dataset(s["target_dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+        train_ds = PairedDataset(train_ds, tgt_train, seed=seed)
+        ev_spec, ev_split = _eval_split(s["target_dataset"], s["data_dir"])
+    else:
+        ev_spec, ev_split = _eval_split(s["dataset"], s["data_dir"])
+    if s["eval_dataset"]:
+        ev_spec, ev_split = s["eval_dataset"], "test"
+        if isinstance(ev_spec, str) and ev_spec.startswith("imagefolder"):
+            ev_split = "train"
+    _, eval_ds = _dataset(ev_spec, ev_split, s["data_dir"], s["max_samples"], seed, transform)
+
+    n_classes = s["num_classes"] or src_ds.num_classes
+    if _accepts(cls, "num_classes"):
+        margs.setdefault("num_classes", int(n_classes))
+    teacher_spec = s["teacher"]
+    if teacher_spec is None and teachers and _accepts(cls, "teacher"):
+        teacher_spec = teachers[0] if len(teachers) == 1 else list(teachers)
+    if teacher_spec is not None:
+        if not _accepts(cls, "teacher"):
+            raise ConfigError(f"method {s['method']!r} takes no teacher; drop teacher= or use a distillation "
+                              "method")
+        margs["teacher"] = teacher_spec
+    m = cls(module, **margs)
+    report = Engine(train_config).fit(m, train_ds, eval_ds)
+    report["model"] = spec_name
+    report["dataset"] = str(s["dataset"])
+    if adapt:
+        report["target_dataset"] = str(s["target_dataset"])
+    if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
+        from .._io import write_json
+
+        write_json(Path(train_config.out_dir) / "report.json", report)
+    return report

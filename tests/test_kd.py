@@ -1,0 +1,264 @@
+"""hubtune.tuning.kd: loss composition, frozen teacher, matchers, teacher_bn, the teacher cache, a real
+Engine run and the errors. Tiny MLPs and timm 'test_resnet' at 16 px, CPU, offline."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+timm = pytest.importorskip("timm")
+
+from hubtune.errors import ConfigError, TeacherCacheError  # noqa: E402
+from hubtune.tuning import METHODS, Engine, TrainConfig  # noqa: E402
+from hubtune.tuning.kd import (  # noqa: E402
+    IndexedDataset, KnowledgeDistillation, cache_teacher_outputs, module_identity, teacher_cache_path)
+from hubtune.tuning.losses import DistillationLoss  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mlp(d=8, classes=3, seed=0, hidden=16):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+
+
+def oracle(d=8, classes=3):
+    """A 'better teacher': reads the class off the first `classes` coordinates."""
+    lin = torch.nn.Linear(d, classes)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[:, :classes] = 2.0 * torch.eye(classes)
+        lin.bias.zero_()
+    return lin
+
+
+def vectors(n=48, d=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, d, generator=g)
+    x[torch.arange(n), y] += 3.0
+    return TensorDataset(x, y)
+
+
+def tiny(num_classes=3, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", num_classes=num_classes)
+
+
+def images(n=8, classes=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.3 * torch.randn(n, 3, size, size, generator=g)
+    x[torch.arange(n), y] += 1.5
+    return TensorDataset(x, y)
+
+
+def test_registered():
+    assert METHODS.get("kd") is KnowledgeDistillation
+
+
+@pytest.mark.parametrize("kind", ["kl", "js", "mse"])
+def test_loss_composition_matches_distillation_loss(kind):
+    student, teacher = mlp(seed=1), mlp(seed=2)
+    m = KnowledgeDistillation(student, teacher, kind=kind, temperature=3.0, alpha_hard=0.3, alpha_soft=0.7)
+    x, y = vectors(6).tensors
+    terms = m.losses({"input": x, "target": y})
+    assert set(terms) == {"total", "hard", "soft"}
+    with torch.no_grad():
+        ref = DistillationLoss(kind, 3.0, 0.3, 0.7)(student(x), teacher(x), y)
+    ce = F.cross_entropy(student(x), y)
+    torch.testing.assert_close(terms["hard"], ce.detach())
+    for k in ("total", "hard", "soft"):
+        torch.testing.assert_close(terms[k].detach(), ref[k])
+    torch.testing.assert_close(terms["total"].detach(), 0.3 * terms["hard"] + 0.7 * terms["soft"])
+    if kind == "kl":  # by hand: T^2 * KL(p_t || p_s), batch mean
+        p = F.softmax(teacher(x) / 3.0, 1).detach()
+        q = F.log_softmax(student(x) / 3.0, 1).detach()
+        kl = (p * (p.log() - q)).sum(1).mean() * 9.0
+        torch.testing.assert_close(terms["soft"], kl)
+
+
+def test_label_free_mode():
+    student, teacher = mlp(seed=1), mlp(seed=2)
+    m = KnowledgeDistillation(student, teacher, alpha_hard=0.3, alpha_soft=0.7)
+    x = vectors(6).tensors[0]
+    terms = m.losses({"input": x})
+    assert float(terms["hard"]) == 0.0
+    torch.testing.assert_close(terms["total"].detach(), 0.7 * terms["soft"])
+    terms["total"].backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_teacher_frozen_no_grad_not_in_optimizer():
+    student, teacher = mlp(seed=1), mlp(seed=2)
+    before = copy.deepcopy(teacher.state_dict())
+    m = KnowledgeDistillation(student, teacher)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    ids = {id(p) for g in m.param_groups(0.1) for p in g["params"]}
+    assert not ids & {id(p) for p in teacher.parameters()}
+    assert ids == {id(p) for p in student.parameters()}
+    x, y = vectors(6).tensors
+    m.losses({"input": x, "target": y})["total"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    eng = Engine(TrainConfig(epochs=1, batch_size=16, lr=0.1, device="cpu", seed=0))
+    eng.fit(m, vectors(32))
+    opt_ids = {id(p) for g in eng.optimizer.param_groups for p in g["params"]}
+    assert not opt_ids & {id(p) for p in teacher.parameters()}
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_intermediate_layers_matchers_in_optimizer_and_trained():
+    student, teacher = tiny(seed=1), tiny(seed=2)
+    ds = images(8)
+    m = KnowledgeDistillation(student, teacher, layers={"layer1": "layer2"}, layer_loss="mse", layer_weight=0.5,
+                              sample_input=ds.tensors[0][:2])
+    matcher_params = list(m.layers.parameters())
+    assert matcher_params, "layer1 -> layer2 differ in shape, so the matcher must have weights"
+    terms = m.losses({"input": ds.tensors[0][:4], "target": ds.tensors[1][:4]})
+    assert set(terms) == {"total", "hard", "soft", "layers"}
+    torch.testing.assert_close(terms["total"].detach(),
+                               0.5 * terms["hard"] + 0.5 * terms["soft"] + 0.5 * terms["layers"])
+    before = [p.detach().clone() for p in matcher_params]
+    eng = Engine(TrainConfig(epochs=1, batch_size=4, lr=0.05, device="cpu", seed=0))
+    eng.fit(m, ds)
+    opt_ids = {id(p) for g in eng.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in matcher_params} <= opt_ids
+    assert not opt_ids & {id(p) for p in teacher.parameters()}
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, matcher_params))
+    # kl layer loss builds too
+    m2 = KnowledgeDistillation(tiny(seed=1), tiny(seed=2), layers={"layer2": "layer2"}, layer_loss="kl",
+                               sample_input=ds.tensors[0][:2])
+    assert float(m2.losses({"input": ds.tensors[0][:4]})["layers"]) >= 0
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_teacher_bn_modes(mode):
+    teacher = tiny(seed=2)
+    m = KnowledgeDistillation(tiny(seed=1), teacher, teacher_bn=mode)
+    bn = [mod for mod in teacher.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    before = [b.running_mean.clone() for b in bn]
+    m.train()
+    assert all(b.training == (mode == "train") for b in bn)
+    assert not teacher.training or mode == "train"
+    x, y = images(4).tensors
+    m.losses({"input": x, "target": y})["total"].backward()
+    changed = any(not torch.equal(a, b.running_mean) for a, b in zip(before, bn))
+    assert changed == (mode == "train")
+    assert all(p.grad is None for p in teacher.parameters())
+    m.eval()
+    assert not any(b.training for b in bn)
+
+
+def _run(method, ds, steps_epochs=2):
+    eng = Engine(TrainConfig(epochs=steps_epochs, batch_size=8, lr=0.1, device="cpu", seed=3, precision="fp32"))
+    rep = eng.fit(method, ds)
+    return rep
+
+
+def test_cache_equals_live_teacher_and_never_calls_it(tmp_path):
+    ds = IndexedDataset(images(16))
+    teacher = tiny(seed=2)
+    path = cache_teacher_outputs(teacher, ds, tmp_path / "t.npy", batch_size=8)
+    arr = np.load(path)
+    assert arr.dtype == np.float32 and arr.shape == (16, 3)
+    assert not list(tmp_path.glob(".*tmp"))
+
+    live = KnowledgeDistillation(tiny(seed=1), copy.deepcopy(teacher))
+    rep_live = _run(live, ds)
+    calls = []
+    cached_teacher = copy.deepcopy(teacher)
+    cached_teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+    cached = KnowledgeDistillation(tiny(seed=1), cached_teacher, cache_teacher=True, cache_path=path)
+    rep_cached = _run(cached, ds)
+    assert calls == []
+    # fp32 on CPU: a sample's eval-mode teacher logits do not depend on the rest of the batch, so the run with
+    # the cache is bit-identical to the run with the live teacher (same seed, same data order).
+    for a, b in zip(rep_live["history"], rep_cached["history"]):
+        for k in ("train_total", "train_hard", "train_soft"):
+            assert a[k] == b[k], k
+    for (k, a), b in zip(live.student.state_dict().items(), cached.student.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    # cache_dir keyed by the teacher identity
+    d = tmp_path / "cache"
+    cache_teacher_outputs(teacher, ds, teacher_cache_path(d, module_identity(teacher)))
+    KnowledgeDistillation(tiny(seed=1), teacher, cache_teacher=True, cache_dir=d)
+
+
+def test_cache_refuses_augmented_or_unindexed_batches(tmp_path):
+    base = vectors(12)
+    path = cache_teacher_outputs(oracle(), IndexedDataset(base), tmp_path / "t.npy", batch_size=5)
+    m = KnowledgeDistillation(mlp(seed=1), oracle(), cache_teacher=True, cache_path=path)
+    x, y = base.tensors
+    m.losses({"input": x[:4], "target": y[:4], "index": torch.arange(4)})  # fine
+    with pytest.raises(TeacherCacheError, match="augment"):
+        m.losses({"input": x[:4] + 0.01 * torch.randn(4, 8), "target": y[:4], "index": torch.arange(4)})
+    with pytest.raises(TeacherCacheError, match="IndexedDataset"):
+        m.losses({"input": x[:4], "target": y[:4]})
+    with pytest.raises(TeacherCacheError, match="rewrite"):  # another teacher
+        KnowledgeDistillation(mlp(seed=1), mlp(seed=5), cache_teacher=True, cache_path=path)
+
+
+def test_kd_from_better_teacher_improves_student():
+    train, test = vectors(96, seed=0), vectors(60, seed=1)
+    student = mlp(seed=4)
+    x, y = test.tensors
+    with torch.no_grad():
+        acc0 = float((student(x).argmax(1) == y).float().mean())
+    m = KnowledgeDistillation(student, oracle(), temperature=2.0, alpha_hard=0.0, alpha_soft=1.0)
+    train_x = TensorDataset(train.tensors[0])  # label-free: only the teacher teaches
+    rep = Engine(TrainConfig(epochs=4, batch_size=16, lr=0.1, device="cpu", seed=0)).fit(m, train_x, test)
+    assert rep["final"]["eval_acc"] > acc0 + 0.2
+    assert rep["final"]["eval_acc"] >= 0.9
+
+
+def test_saved_student_is_timm_folder(tmp_path):
+    m = KnowledgeDistillation(tiny(seed=1), tiny(seed=2))
+    Engine(TrainConfig(epochs=1, batch_size=8, lr=0.01, device="cpu", out_dir=str(tmp_path))).fit(m, images(8))
+    assert (tmp_path / "model.safetensors").is_file() and m.model_to_save() is m.student
+    assert m.predict(images(2).tensors[0]).shape == (2, 3)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="student predicts 3 classes but the teacher 5"):
+        KnowledgeDistillation(tiny(3), tiny(5))
+    with pytest.raises(ConfigError, match="2 classes but the teacher 3"):  # non-timm: found at the first batch
+        KnowledgeDistillation(mlp(classes=2), mlp(classes=3)).losses({"input": torch.randn(2, 8)})
+    m = KnowledgeDistillation(tiny(5), tiny(3), num_classes=3)  # a new student head fixes it
+    assert m.student.num_classes == 3
+    with pytest.raises(ConfigError, match="kind"):
+        KnowledgeDistillation(mlp(), mlp(), kind="cosine")
+    with pytest.raises(ConfigError, match="teacher_bn='batch'"):
+        KnowledgeDistillation(mlp(), mlp(), teacher_bn="batch")
+    with pytest.raises(TeacherCacheError, match="cache_teacher_outputs"):
+        KnowledgeDistillation(mlp(), mlp(), cache_teacher=True, cache_dir=tmp_path / "none")
+    with pytest.raises(ConfigError, match="cache_dir"):
+        KnowledgeDistillation(mlp(), mlp(), cache_teacher=True)
+    with pytest.raises(ConfigError, match="teacher_bn='train'"):
+        KnowledgeDistillation(mlp(), mlp(), cache_teacher=True, cache_dir=tmp_path, teacher_bn="train")
+    with pytest.raises(ConfigError, match="same module"):
+        t = mlp()
+        KnowledgeDistillation(t, t)
+
+
+def test_hub_specs_from_different_hubs_and_cache_by_candidate_identity(tmp_path):
+    from hubtune.tuning import save_timm_folder
+
+    save_timm_folder(tiny(seed=2), tmp_path / "teacher")  # a 'fine-tuned' teacher in a local folder
+    spec = f"local-dir:{tmp_path / 'teacher'}"
+    m = KnowledgeDistillation("test_resnet", spec, num_classes=3, pretrained=False)
+    assert m.student.num_classes == 3 and m.teacher_identity
+    x, y = images(4).tensors
+    assert set(m.losses({"input": x, "target": y})) == {"total", "hard", "soft"}
+    ds = IndexedDataset(images(8))
+    cache_teacher_outputs(spec, ds, teacher_cache_path(tmp_path / "c", m.teacher_identity))
+    c = KnowledgeDistillation("test_resnet", spec, num_classes=3, pretrained=False, cache_teacher=True,
+                              cache_dir=tmp_path / "c")
+    batch = {"input": x, "target": y, "index": torch.arange(4)}
+    torch.testing.assert_close(c.teacher_logits(batch), m.teacher_logits(batch), rtol=0, atol=0)
