@@ -225,6 +225,26 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args) -> int:
+    from .features.cache import default_cache_dir
+    from .tuning.api import model_and_transform, train_dataset
+    from .hub import load_candidate
+    from .tuning.kd import cache_teacher_outputs, teacher_cache_path
+
+    teacher = load_candidate(args.teacher)  # the Candidate: its identity keys the cache, as kd's does
+    if args.device:
+        teacher.module.to(args.device)
+    # the images `hubtune tune` trains on: the student's transform (--model), else the teacher's
+    _, transform, _ = model_and_transform(args.model or args.teacher)
+    _, ds = train_dataset(args.dataset, transform, data_dir=args.data_dir, max_samples=args.max_samples,
+                          seed=args.seed, split=args.split)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "teachers"
+    path = teacher_cache_path(cache_dir, teacher.identity)
+    cache_teacher_outputs(teacher, ds, path, batch_size=args.batch_size, device=args.device)
+    print(path)
+    return 0
+
+
 def _add_hub_args(p) -> None:
     p.add_argument("--models", action="append", help="comma-separated model specs (repeatable)")
     p.add_argument("--hub", help="a .txt/.yaml file of specs, or 'timm' to query timm's registry")
@@ -335,6 +355,26 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     tu.add_argument("--method-arg", action="append", metavar="NAME=VALUE",
                     help="a method keyword argument (repeatable), e.g. --method-arg trade_off=0.5")
     tu.set_defaults(func=_cmd_tune)
+
+    ct = sub.add_parser(
+        "cache-teacher", help="write a teacher's outputs for `hubtune tune --method kd` to read",
+        description="Run the teacher once (eval, fp32) over the un-augmented training images (the same images, "
+                    "order and transform as `hubtune tune` with the same --dataset/--max-samples/--seed) and "
+                    "write its logits where KnowledgeDistillation(cache_teacher=True, cache_dir=DIR) reads them; "
+                    "prints the path. Then: hubtune tune --method kd ... --method-arg cache_teacher=true "
+                    "--method-arg cache_dir=DIR.")
+    ct.add_argument("--teacher", required=True, help="teacher spec (e.g. local-dir:PATH)")
+    ct.add_argument("--model", help="the student spec: its transform is the one tune uses (default: the "
+                                    "teacher's; give it when the two transforms differ)")
+    ct.add_argument("--dataset", required=True, help="registered dataset name or imagefolder:PATH")
+    ct.add_argument("--split", default="train")
+    ct.add_argument("--max-samples", type=int, help="stratified subsample, as tune --max-samples")
+    ct.add_argument("--seed", type=int, default=0, help="subsample seed, as tune --seed (default 0)")
+    ct.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
+    ct.add_argument("--cache-dir", help="default: $HUBTUNE_CACHE/teachers (~/.cache/hubtune/teachers)")
+    ct.add_argument("--batch-size", type=int, default=64)
+    ct.add_argument("--device", help="cpu, cuda, cuda:N (default: the teacher's device)")
+    ct.set_defaults(func=_cmd_cache_teacher)
 
     ca = sub.add_parser("cache", help="manage the feature cache")
     ca.add_argument("cache_command", choices=("ls", "clear"))

@@ -357,3 +357,38 @@ assert rep["world_size"] == 2, rep["world_size"]
     assert rep["world_size"] == 2 and len(rep["history"]) == 2
     assert load_candidate(f"local-dir:{out}").num_classes == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+class KilledMidEpoch(FineTune):
+    """Dies inside a training step of the second epoch, after some of its optimizer steps have run."""
+
+    kill_at_step = None
+
+    def losses(self, batch):
+        if self.training and self.kill_at_step is not None:
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == self.kill_at_step:
+                raise Interrupt
+        return super().losses(batch)
+
+
+def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    data = separable(40)  # 3 steps per epoch at batch 16
+    kw = dict(epochs=3, batch_size=16, lr=0.02, warmup_epochs=1, seed=5)
+
+    def make():
+        return KilledMidEpoch(tiny(drop_rate=0.3), 3)
+
+    full = make()
+    Engine(TrainConfig(out_dir=str(tmp_path / "a"), **kw)).fit(full, data)
+    part = make()
+    part.kill_at_step = 5  # second step of epoch 2: the weights on disk are those after epoch 1
+    with pytest.raises(Interrupt):
+        Engine(TrainConfig(out_dir=str(tmp_path / "b"), **kw)).fit(part, data)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = make()
+    rep = Engine(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw)).fit(resumed, data)
+    assert rep["resumed_from_epoch"] == 1
+    a, b = full.state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

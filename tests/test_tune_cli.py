@@ -172,3 +172,57 @@ def test_cli_resume_continues_from_the_checkpoint(tiny_dir, tmp_path):
     assert main(base + ["--epochs", "2", "--resume"]) == 0
     rep = read(out)
     assert rep["resumed_from_epoch"] == 1 and [h["epoch"] for h in rep["history"]] == [1, 2]
+
+
+def test_cli_cache_teacher_then_kd_reads_the_cache(tiny_dir, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from hubtune.tuning import kd as kd_mod
+
+    teacher = tmp_path / "teacher"
+    save_timm_folder(tiny(seed=7), teacher)
+    cache_dir = tmp_path / "tcache"
+    rc = main(["cache-teacher", "--teacher", f"local-dir:{teacher}", "--dataset", "digits", "--max-samples", "40",
+               "--cache-dir", str(cache_dir), "--batch-size", "16"])
+    assert rc == 0, capsys.readouterr().err
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    arr = np.load(path)
+    assert arr.shape == (40, 10) and arr.dtype == np.float32
+    assert path.startswith(str(cache_dir)) and (cache_dir / (path.rsplit("/", 1)[1] + ".json")).is_file()
+
+    forwards = []
+    real_load = kd_mod._load_model
+
+    def counting_load(model, role, pretrained):
+        module, identity = real_load(model, role, pretrained)
+        if role == "teacher":
+            module.register_forward_hook(lambda *a: forwards.append(1))
+        return module, identity
+
+    monkeypatch.setattr(kd_mod, "_load_model", counting_load)
+    out = tmp_path / "kd"
+    rc = main(["tune", "--method", "kd", "--teacher", f"local-dir:{teacher}", "--model", f"local-dir:{tiny_dir}",
+               "--dataset", "digits", "--max-samples", "40", "--epochs", "1", "--batch-size", "20",
+               "--out", str(out), "--method-arg", "cache_teacher=true", "--method-arg", f"cache_dir={cache_dir}"])
+    assert rc == 0, capsys.readouterr().err
+    rep = read(out)
+    assert rep["method"] == "kd" and rep["method_hparams"]["cache_path"] == path
+    assert forwards == []                                      # every teacher output came from the cache
+
+
+def test_bad_configuration_missing_teacher_and_mismatched_domains(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        hubtune.tune("kd", model=f"local-dir:{tiny_dir}", dataset="digits", epochs=1, out=tmp_path / "kd")
+    assert main(["tune", "--method", "kd", "--model", f"local-dir:{tiny_dir}", "--dataset", "digits",
+                 "--out", str(tmp_path / "kd2")]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    folder = tmp_path / "two-classes"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / label / f"{i}.png")
+    with pytest.raises(ConfigError, match="10 classes but target .* has 2"):
+        hubtune.tune("dann", model=f"local-dir:{tiny_dir}", dataset="digits", target_dataset=f"imagefolder:{folder}",
+                     eval_dataset=f"imagefolder:{folder}", max_samples=20, epochs=1, out=tmp_path / "da")

@@ -28,7 +28,7 @@ from .engine import Engine, TrainConfig
 from .method import METHODS, Method
 
 __all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "ADAPTATION_METHODS",
-           "TUNE_KEYS"]
+           "TUNE_KEYS", "model_and_transform", "train_dataset"]
 
 #: methods trained on (labelled source, unlabelled target) pairs and evaluated on the target's test split
 ADAPTATION_METHODS = ("dann", "cdan")
@@ -93,6 +93,15 @@ def _accepts(cls, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _requires(cls, name: str) -> bool:
+    """``name`` is a parameter of the method's constructor without a default."""
+    try:
+        p = inspect.signature(cls.__init__).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty
+
+
 def make_transferable(model, method: str, **kwargs) -> Method:
     """The registered method ``method`` built around ``model`` (a timm model or a spec): call
     ``m.losses(batch)`` in your own loop to get ``{"total": ..., term: ...}`` and back-propagate ``"total"``;
@@ -111,6 +120,29 @@ def _dataset(spec, split, data_dir, max_samples, seed, transform):
     if max_samples:
         ds = stratified_subsample(ds, max_samples=int(max_samples), seed=seed)
     return ds, TransformedDataset(ds, transform)
+
+
+def model_and_transform(spec) -> tuple:
+    """``(module, transform, spec_name)`` for a spec or a timm module: the candidate's evaluation transform
+    (``transform_for(data_config)``), the one :func:`tune` feeds every image through."""
+    from ..data import transform_for
+
+    if isinstance(spec, torch.nn.Module):
+        from timm.data import resolve_data_config
+
+        module, data_config, spec_name = spec, resolve_data_config({}, model=spec), type(spec).__name__
+    else:
+        from ..hub import load_candidate
+
+        cand = load_candidate(spec)
+        module, data_config, spec_name = cand.module, cand.data_config, cand.spec
+    return module, transform_for(data_config), spec_name
+
+
+def train_dataset(spec, transform, *, data_dir=None, max_samples=None, seed: int = 0, split: str = "train"):
+    """``(ImageDataset, TransformedDataset)``: the training images exactly as :func:`tune` builds them (same
+    stratified subsample for ``max_samples`` and ``seed``, same order, same transform)."""
+    return _dataset(spec, split, data_dir, max_samples, seed, transform)
 
 
 def _eval_split(spec, data_dir) -> tuple:
@@ -137,9 +169,6 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     evaluation set. Settings: TrainConfig defaults <- ``config`` <- ``train`` (a dict of TrainConfig fields)
     <- the explicit arguments; ``method_kwargs`` (over ``config["method_args"]``) go to the method."""
     _ensure_registered()
-    from ..data import transform_for
-    from ..hub import load_candidate
-
     cfg = load_tune_config(config)
     explicit = {"method": method, "model": model, "ranking": ranking, "top_k": top_k, "teacher": teacher,
                 "dataset": dataset, "target_dataset": target_dataset, "eval_dataset": eval_dataset,
@@ -185,22 +214,23 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     else:
         raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
                           "ranking= (a `hubtune rank --out` folder) with top_k=")
+    if s["teacher"] is None and not teachers and _requires(cls, "teacher"):
+        raise ConfigError(f"method {s['method']!r} needs a teacher: pass teacher= (--teacher SPEC), or ranking= "
+                          "with top_k >= 2 so that the runner-up models become the teachers")
     train_config = TrainConfig(**tcfg)  # validated before anything heavy is loaded
 
-    if isinstance(spec, torch.nn.Module):
-        from timm.data import resolve_data_config
-
-        module, data_config, spec_name = spec, resolve_data_config({}, model=spec), type(spec).__name__
-    else:
-        cand = load_candidate(spec)
-        module, data_config, spec_name = cand.module, cand.data_config, cand.spec
-    transform = transform_for(data_config)
+    module, transform, spec_name = model_and_transform(spec)
     seed = train_config.seed
-    src_ds, train_ds = _dataset(s["dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+    src_ds, train_ds = train_dataset(s["dataset"], transform, data_dir=s["data_dir"],
+                                     max_samples=s["max_samples"], seed=seed)
     if adapt:
         from .adaptation import PairedDataset
 
-        _, tgt_train = _dataset(s["target_dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+        tgt_src, tgt_train = _dataset(s["target_dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+        if tgt_src.num_classes != src_ds.num_classes:
+            raise ConfigError(
+                f"source {s['dataset']!r} has {src_ds.num_classes} classes but target {s['target_dataset']!r} has "
+                f"{tgt_src.num_classes}; domain adaptation needs the same label set in both domains")
         train_ds = PairedDataset(train_ds, tgt_train, seed=seed)
         ev_spec, ev_split = _eval_split(s["target_dataset"], s["data_dir"])
     else:
@@ -223,6 +253,10 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
                               "method")
         margs["teacher"] = teacher_spec
     m = cls(module, **margs)
+    if getattr(m, "cache_path", None) is not None and not adapt:  # kd's teacher cache reads batch["index"]
+        from .kd import IndexedDataset
+
+        train_ds = IndexedDataset(train_ds)
     report = Engine(train_config).fit(m, train_ds, eval_ds)
     report["model"] = spec_name
     report["dataset"] = str(s["dataset"])

@@ -38,6 +38,7 @@ from .method import Method
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
+BACKENDS = ("torch", "ipex")
 
 
 @dataclass
@@ -47,7 +48,10 @@ class TrainConfig:
     ``batch_size`` is the global batch (divided among DDP processes). ``step_size`` is in epochs (the
     ``step`` scheduler multiplies the LR by ``gamma`` every ``step_size`` epochs); ``warmup_epochs`` may be
     fractional and ramps the LR linearly per iteration. ``precision="auto"`` means bf16 autocast on a GPU that
-    supports it and fp32 otherwise; ``"bf16"`` asks for bf16 autocast on CPU too.
+    supports it and fp32 otherwise; ``"bf16"`` asks for bf16 autocast on CPU too. ``backend="ipex"`` (CPU
+    only; ``device=None`` then means CPU) applies Intel Extension for PyTorch's ``ipex.optimize`` to the method
+    and optimizer once, after the optimizer is built (``pip install 'hubtune[ipex]'``, a release matching
+    torch's major.minor; see :mod:`hubtune_ext.ipex`).
     """
 
     epochs: int = 10
@@ -68,6 +72,7 @@ class TrainConfig:
     out_dir: str | None = None
     resume: bool = False
     num_workers: int = 0
+    backend: str = "torch"
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -110,6 +115,11 @@ class TrainConfig:
             bad("resume", self.resume, "resume=True needs out_dir (where checkpoint.pt is)")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", self.num_workers, "give a whole number >= 0")
+        if self.backend not in BACKENDS:
+            bad("backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
+        if self.backend == "ipex" and self.device is not None and torch.device(self.device).type != "cpu":
+            bad("backend", self.backend, f"the ipex backend runs on the CPU only, but device={self.device!r}; "
+                "use device='cpu' (or None) with backend='ipex', or backend='torch'")
 
 
 def _finite(x) -> bool:
@@ -248,6 +258,8 @@ class Engine:
         cfg = self.config
         if cfg.device is not None:
             return torch.device(cfg.device)
+        if cfg.backend == "ipex":
+            return torch.device("cpu")
         if torch.cuda.is_available():
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -276,6 +288,12 @@ class Engine:
         device = self._device()
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
+        if cfg.backend == "ipex":  # the user asked for ipex: fail before any work when it cannot be used
+            from hubtune_ext.ipex import IpexUnavailableError, ipex_status
+
+            ok, reason = ipex_status()
+            if not ok:
+                raise IpexUnavailableError(reason)
         rank, world, created_pg = self._setup_distributed(device)
         if cfg.batch_size % world:
             raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} is the global batch; it must divide "
@@ -316,6 +334,10 @@ class Engine:
                                   weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.backend == "ipex":  # once, in place: `method` stays the object that is saved and checkpointed
+            from hubtune_ext.ipex import optimize
+
+            _, opt = optimize(method, opt, dtype=torch.bfloat16 if bf16 else None, required=True, inplace=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda it: lr_factor(it, total_iters, warmup_iters, cfg, iters))
         trainable = [p for g in opt.param_groups for p in g["params"]]
