@@ -12,6 +12,7 @@ from . import __version__
 from ._io import load_array, write_json
 from .errors import HubtuneError, InputError
 from .scoring import ESTIMATORS, create_estimator
+from .scoring.leep import softmax as to_probabilities
 
 DEFAULT_METRICS = ("logme", "hscore-shrunk")
 
@@ -28,18 +29,9 @@ def score_arrays(x: np.ndarray, labels: np.ndarray, metrics, task: str = "auto",
             kwargs = {"task": task, "backend": backend}
         inputs = x
         if cls.input_kind == "probs" and softmax:
-            inputs = _softmax(x)
+            inputs = to_probabilities(x)
         results[name] = create_estimator(name, **kwargs).update(inputs, labels).result()
     return results
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2:
-        raise InputError(f"--softmax needs 2-D logits (n, Z), got shape {z.shape}")
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def digits_feature_sets(seed: int = 0):

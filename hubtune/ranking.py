@@ -20,6 +20,7 @@ from . import __version__
 from ._io import atomic_write_text, write_json
 from .errors import HubtuneError, InputError, MissingExtraError
 from .scoring import ESTIMATORS, create_estimator
+from .scoring.leep import softmax
 
 
 @dataclass
@@ -172,16 +173,10 @@ def _score_candidates(candidates, dataset, metrics, options, rows=None):
                 if logits is None:
                     raise InputError(f"{spec} has no source classifier head, so {m} cannot score it; "
                                      "use logme or hscore for headless models")
-                acc.update(_softmax(logits) if kind == "probs" else logits, labels)
+                acc.update(softmax(logits) if kind == "probs" else logits, labels)
 
     stats = extract(candidates, dataset, options, on_chunk, rows=rows)
     return {spec: {m: acc.result() for m, acc in a.items()} for spec, a in accs.items()}, stats
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,

@@ -26,3 +26,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def separable(n=48, classes=3, size=16, seed=0):
+    """Images whose class is the channel that is bright: trivially separable."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.3 * torch.randn(n, 3, size, size, generator=g)
+    x[torch.arange(n), y] += 1.5
+    return TensorDataset(x, y)
+
+
+def vectors(n=48, d=8, classes=3, seed=0):
+    """Vectors whose class is the coordinate that is large: trivially separable."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, d, generator=g)
+    x[torch.arange(n), y] += 3.0
+    return TensorDataset(x, y)

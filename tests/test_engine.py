@@ -9,7 +9,6 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 timm = pytest.importorskip("timm")
 
@@ -19,21 +18,14 @@ from hubtune.tuning import (  # noqa: E402
     METHODS, Engine, FineTune, Method, TrainConfig, bss_penalty, register_method, transfer_weights)
 
 
+from conftest import separable, vectors  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_classes=10, seed=0, **kw):
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", num_classes=num_classes, **kw)
-
-
-def separable(n=48, classes=3, size=16, seed=0):
-    """Images whose class is the channel that is bright: trivially separable."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    x = 0.3 * torch.randn(n, 3, size, size, generator=g)
-    x[torch.arange(n), y] += 1.5
-    return TensorDataset(x, y)
 
 
 class MLPMethod(Method):
@@ -53,14 +45,6 @@ class MLPMethod(Method):
 
     def predict(self, x):
         return self.net(x)
-
-
-def vectors(n=48, d=8, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    x = torch.randn(n, d, generator=g)
-    x[torch.arange(n), y] += 3.0
-    return TensorDataset(x, y)
 
 
 # ------------------------------------------------------------------ config and registry

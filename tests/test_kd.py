@@ -19,6 +19,8 @@ from hubtune.tuning.kd import (  # noqa: E402
 from hubtune.tuning.losses import DistillationLoss  # noqa: E402
 
 
+from conftest import separable, vectors  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -37,25 +39,13 @@ def oracle(d=8, classes=3):
     return lin
 
 
-def vectors(n=48, d=8, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    x = torch.randn(n, d, generator=g)
-    x[torch.arange(n), y] += 3.0
-    return TensorDataset(x, y)
-
-
 def tiny(num_classes=3, seed=0):
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", num_classes=num_classes)
 
 
 def images(n=8, classes=3, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % classes
-    x = 0.3 * torch.randn(n, 3, size, size, generator=g)
-    x[torch.arange(n), y] += 1.5
-    return TensorDataset(x, y)
+    return separable(n, classes, size, seed)
 
 
 def test_registered():

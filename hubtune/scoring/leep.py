@@ -28,6 +28,15 @@ from .gram import add_keyed, one_hot
 SUM_TOL = 1e-3
 
 
+def softmax(logits) -> np.ndarray:
+    """Row-wise softmax of (n, Z) logits in float64, shifted by the row maximum for stability."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise ShapeError(f"logits must be 2-D (n, Z) to turn into probabilities, got shape {z.shape}")
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def check_probabilities(p) -> np.ndarray:
     p = check_matrix(p, "source probabilities")
     if (p < 0).any():
