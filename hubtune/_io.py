@@ -1,28 +1,113 @@
 """File helpers: every file hubtune writes goes to a temporary name first and is renamed into place."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def _umask() -> int:
+    return _UMASK
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on a clean exit it is renamed onto ``path``, on any error
+    (a full disk, an interrupt) it is removed, so nothing half-written is ever left under either name.
+
+    The final file gets the mode an ordinary ``open()`` would give it (0666 less the umask), not the 0600 of
+    a temporary file. A write that fails for lack of space or permission raises :class:`OutputError`
+    naming the file and the cure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _output_error(path, e) from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _output_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror or str(e))
+    return OutputError(f"could not write {path}: {why}; free space or choose a writable location "
+                       "(--out / --cache-dir), then run the same command again")
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Fail early, before any work, when ``folder`` (created if missing) cannot take a file of
+    ``need_bytes``: raises :class:`OutputError` naming the folder and the cure."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".hubtune-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise _output_error(folder, e) from None
+    if need_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise OutputError(f"{folder} has {free / 1e6:.1f} MB free but this run needs about "
+                              f"{need_bytes / 1e6:.1f} MB; free space or choose another location")
+    return folder
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
+    """``np.savez`` to ``path`` atomically (the name is kept as given; numpy does not append ``.npz``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
@@ -54,18 +139,10 @@ def save_state_dict(module, path: str | os.PathLike) -> Path:
     """``module.state_dict()`` (on CPU, contiguous) to a ``.safetensors`` file, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    return Path(path)
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, default_keys=("features",)) -> np.ndarray:

@@ -76,3 +76,17 @@ class ConfigError(InputError):
 class TeacherCacheError(ConfigError):
     """A cached teacher output file is missing, belongs to another teacher or dataset, or does not match the
     inputs the student sees (augmentation); the message says how to rewrite or disable the cache."""
+
+
+class OutputError(HubtuneError, OSError):
+    """An output folder or cache cannot be written (read-only, full, over a size limit), or an output folder
+    already holds a run that would be overwritten; the message names the path and the cure."""
+
+
+class CacheCorruptError(InputError):
+    """A cache entry or index is damaged (a chunk missing, truncated or failing its checksum); hubtune
+    reports it by name and recomputes, or says how to clear it."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint given to ``--resume`` is truncated, unreadable, or belongs to another model or method."""

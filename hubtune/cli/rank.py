@@ -1,0 +1,61 @@
+"""`hubtune rank`: rank the models of a hub on a dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..scoring import ESTIMATORS
+from ._common import add_hub_args as _add_hub_args, hub_specs as _hub_specs
+
+def _cmd_rank(args) -> int:
+    from ..features import ExtractOptions
+    from ..ranking import rank
+
+    specs = _hub_specs(args)
+    options = ExtractOptions(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             compile=False if args.no_compile else "auto", cache_dir=args.cache_dir,
+                             use_cache=not args.no_cache, progress=False if args.quiet else None)
+    if not args.quiet:
+        print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
+    ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
+                   data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
+                   options=options, budget=args.budget, top_k=args.top_k, out=args.out,
+                   trust_remote_code=args.trust_remote_code)
+    print(ranking.table())
+    if args.top_k:
+        print(f"top-{args.top_k}: {', '.join(ranking.top(min(args.top_k, len(ranking.candidates))))}")
+    if args.out:
+        print(f"wrote {args.out}/ranking.json, ranking.csv" + (", ranking.png" if (Path(args.out) / "ranking.png").exists() else ""))
+    return 0
+
+
+def add_parser(sub, lazy: bool = False) -> None:
+    from ..data import list_datasets
+
+    names = ESTIMATORS.names()
+
+    rk = sub.add_parser(
+        "rank", help="rank hub models on a dataset by transferability",
+        description="Extract features of every candidate once (cached), score them, and rank. With no "
+                    "arguments: digits and the packaged EfficientNet-Lite0/1/2 hub, offline. Datasets: "
+                    f"{', '.join(list_datasets())}, imagefolder:PATH.")
+    rk.add_argument("--dataset", default="digits")
+    rk.add_argument("--split", default="train")
+    rk.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
+    rk.add_argument("--download", action="store_true", help="download the dataset when missing (needs network)")
+    _add_hub_args(rk)
+    rk.add_argument("--metric", action="append", choices=names, help="repeatable; the first orders the ranking")
+    rk.add_argument("--top-k", type=int)
+    rk.add_argument("--max-samples", type=int, help="stratified subsample of this many images")
+    rk.add_argument("--per-class", type=int, help="at most this many images per class")
+    rk.add_argument("--budget", type=int, help="successive halving from this many images")
+    rk.add_argument("--out", help="folder for ranking.json, ranking.csv, ranking.png, logme/ weights")
+    rk.add_argument("--batch-size", type=int, default=64)
+    rk.add_argument("--device")
+    rk.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    rk.add_argument("--no-compile", action="store_true")
+    rk.add_argument("--cache-dir")
+    rk.add_argument("--no-cache", action="store_true")
+    rk.add_argument("--quiet", action="store_true")
+    rk.add_argument("--trust-remote-code", action="store_true",
+                    help="let Hugging Face repos that ship their own model code run it (off by default)")
+    rk.set_defaults(func=_cmd_rank)
