@@ -60,3 +60,7 @@ __all__ = [
     "create_dataset", "list_datasets", "register_dataset", "stratified_subsample", "stratified_split",
     "transform_for", "ModelTransform", "read_idx", "to_pil", "default_data_dir", "DEBIAN_FASHION_MNIST_DIR",
 ]
+
+from .augment import AugmentConfig, AugmentedDataset, BatchMixer, train_transform_for  # noqa: E402
+
+__all__ += ["AugmentConfig", "AugmentedDataset", "BatchMixer", "train_transform_for"]
