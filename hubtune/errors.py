@@ -90,3 +90,8 @@ class CacheCorruptError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint given to ``--resume`` is truncated, unreadable, or belongs to another model or method."""
+
+
+class FeatureFileError(InputError):
+    """A features or labels file cannot be read as an array: a directory, an empty or truncated file, a damaged
+    archive, a pickle, or not a .npy/.npz/.pt file at all; the message names the file and what to do."""

@@ -2,9 +2,13 @@
 PairedDataset) and a short real run on a synthetic domain shift. Tiny models, CPU, offline."""
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import TensorDataset
 
 timm = pytest.importorskip("timm")
@@ -163,8 +167,9 @@ def test_missing_target_input_is_a_clear_error():
 @pytest.mark.parametrize("cls", [DANN, CDAN])
 def test_short_real_run_on_a_domain_shift(cls, tmp_path):
     """Source: bright-channel blobs; target: shifted by +0.8 with 0.7 contrast. The target's labelled test set
-    is the evaluation set. Asserts the run trains (training loss falls) and reports target accuracy; it
-    does not assert that adaptation beats source-only (not reliable at this scale)."""
+    is the evaluation set. Asserts the run trains (training loss falls), saves a loadable model and reports
+    the target accuracy; that adaptation beats source-only is asserted on rotated moons
+    (:func:`test_adaptation_beats_source_only_on_rotated_moons`)."""
     out = tmp_path / cls.name
     m = cls(tiny(), 3, hidden=32, grl_max_iters=12)  # the reversal reaches ~1 within the run
     source = domain(48, seed=0)
@@ -175,7 +180,7 @@ def test_short_real_run_on_a_domain_shift(cls, tmp_path):
     hist = rep["history"]
     print(f"{cls.name}: target accuracy by epoch {[round(h['eval_acc'], 3) for h in hist]}")
     assert hist[-1]["train_ce"] < hist[0]["train_ce"] and hist[-1]["train_total"] < hist[0]["train_total"]
-    assert 0.0 <= rep["final"]["eval_acc"] <= 1.0 and "train_transfer" in rep["final"]
+    assert "train_transfer" in rep["final"]
     assert rep["method"] == cls.name and rep["method_hparams"]["conditional"] is cls.conditional
     # no bottleneck: the output is a plain timm folder
     cand = load_candidate(f"local-dir:{out}")
@@ -183,8 +188,114 @@ def test_short_real_run_on_a_domain_shift(cls, tmp_path):
     x = target_test[:4][0]
     with torch.no_grad():
         assert torch.allclose(cand.module(x), m.predict(x), atol=1e-5)
+        # the reported accuracy is the saved model's on the target's labelled test set (not the source's)
+        xt, yt = target_test[:]
+        acc = float((cand.module.eval()(xt).argmax(1) == yt).sum()) / len(yt)
+    assert rep["final"]["eval_acc"] == pytest.approx(acc, abs=1e-9)
 
 
 def test_one_class_with_a_flag():
     m = DomainAdversarial(tiny(), 3, hidden=8, conditional=True)
     assert m.conditional and isinstance(m.adversary, ConditionalDomainAdversarialLoss)
+
+
+# ------------------------------------------------------------------ adaptation beats source-only
+class MoonsNet(nn.Module):
+    """A two-layer ReLU MLP with the surface DANN/CDAN use of a timm model: ``forward_features``,
+    ``forward_head(pre_logits=True)``, ``get_classifier``/``reset_classifier``, ``num_features``.
+
+    The ReLUs matter: an invertible feature map (a linear layer, say) keeps the domains exactly as separable
+    as the inputs are (the discriminator undoes it), so no such extractor can ever confuse the discriminator
+    and DANN stays at source-only level by construction."""
+
+    def __init__(self, width: int = 32, num_classes: int = 2):
+        super().__init__()
+        self.num_features = width
+        self.body = nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+        self.pretrained_cfg = {"architecture": "moons_mlp"}
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward_head(self, f, pre_logits: bool = False):
+        return f if pre_logits else self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
+
+    def reset_classifier(self, num_classes: int):
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+
+def moons(n, seed, angle=0.0, noise=0.1):
+    """Two interleaving half-circles, centred (Ganin et al., JMLR 2016, sec. 5.1). The target domain is the
+    same task rotated by ``angle`` degrees: the source decision boundary misclassifies the moons' rotated
+    tips (source-only ~80% at 30 degrees), and the domains overlap enough for the features to be aligned."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    t = torch.rand(n, generator=g) * math.pi
+    upper = torch.stack([torch.cos(t), torch.sin(t)], 1)
+    lower = torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], 1)
+    x = torch.where(y[:, None] == 0, upper, lower) + noise * torch.randn(n, 2, generator=g)
+    x = x - torch.tensor([0.5, 0.25])
+    a = math.radians(angle)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return TensorDataset(x @ rot.T, y)
+
+
+ANGLE = 30.0
+
+
+def moons_run(cls, trade_off, seed, epochs=60, target_angle=ANGLE):
+    """One seeded run through the Engine (256 source + 256 unlabelled target points, batch 32: 8 steps an
+    epoch); returns (method, report). ``trade_off=0`` is source-only. The evaluation set is the rotated
+    target's labelled test set."""
+    torch.manual_seed(seed)  # the backbone's initial weights (the method seeds its head and discriminator)
+    m = cls(MoonsNet(), 2, hidden=32, trade_off=trade_off, backbone_lr_mult=1.0, seed=seed)
+    data = PairedDataset(moons(256, seed), moons(256, seed + 100, target_angle), seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="sgd", lr=0.05, scheduler="none", seed=seed)
+    return m, Engine(cfg).fit(m, data, moons(1000, seed + 200, ANGLE))
+
+
+def test_trade_off_zero_is_source_only():
+    """With ``trade_off=0`` the target data has no influence at all: two runs that differ only in the
+    target domain give the same model, and the discriminator never moves. So trade_off=0 is the
+    source-only baseline of the test below (and disabling the transfer term makes DANN equal to it)."""
+    a, _ = moons_run(DANN, 0.0, seed=0, epochs=3)
+    b, _ = moons_run(DANN, 0.0, seed=0, epochs=3, target_angle=-60.0)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    torch.manual_seed(0)
+    fresh = DANN(MoonsNet(), 2, hidden=32, trade_off=0.0, seed=0).discriminator.state_dict()
+    trained = a.discriminator.state_dict()
+    assert all(torch.equal(trained[k], fresh[k]) for k in fresh if "running" not in k and "num_batches" not in k)
+    # and with the transfer term on, the target data does change the model
+    c, _ = moons_run(DANN, 1.0, seed=0, epochs=3)
+    assert not all(torch.equal(sa[k], c.model.state_dict()[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_adaptation_beats_source_only_on_rotated_moons():
+    """DANN and CDAN beat source-only on the target domain of a shift built for it: two moons, the target
+    rotated by 30 degrees (Ganin et al.'s toy), a ReLU MLP, 480 SGD steps, seeds 0 and 1.
+
+    Measured (2-core Xeon, seeds 0-5, target accuracy, mean ± std): source-only 0.798 ± 0.020, DANN
+    0.922 ± 0.036 (gains +0.07 to +0.18), CDAN 0.934 ± 0.038 (+0.06 to +0.18). Asserted here on seeds 0
+    and 1: each beats source-only on every seed and by >= 5 points on average."""
+    seeds = (0, 1)
+    acc = {}
+    for name, cls, trade_off in (("source-only", DANN, 0.0), ("dann", DANN, 1.0), ("cdan", CDAN, 1.0)):
+        reps = [moons_run(cls, trade_off, seed)[1] for seed in seeds]
+        acc[name] = [r["final"]["eval_acc"] for r in reps]
+        if trade_off:  # the adversary was in play: the discriminator did not win outright
+            assert all(r["final"]["train_domain_acc"] < 0.9 for r in reps), (name, reps[0]["final"])
+    print({k: [round(v, 3) for v in vs] for k, vs in acc.items()})
+    src = acc["source-only"]
+    assert statistics.mean(src) < 0.85  # the shift hurts: there is something to adapt
+    for name in ("dann", "cdan"):
+        assert all(a > s for a, s in zip(acc[name], src)), (name, acc)
+        assert statistics.mean(acc[name]) >= statistics.mean(src) + 0.05, (name, acc)

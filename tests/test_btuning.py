@@ -154,10 +154,14 @@ def test_teacher_cache_equals_live_projection_and_never_calls_teachers(tmp_path)
     ds = IndexedDataset(separable(12, C, 16))
     live, *_ = method()
     path = cache_teacher_outputs(live.ensemble, ds, tmp_path / "p.npy", batch_size=5)
-    cached, *_ = method(cache_teacher=True, cache_path=path)
+    cached, teachers, *_ = method(cache_teacher=True, cache_path=path)
     calls = []
-    for t in cached.ensemble.teachers:
+    for t in teachers:
         t.register_forward_pre_hook(lambda *a: calls.append(1))
+    # cached: no teacher module is held at all (nothing to move to a device or checkpoint)
+    assert cached.ensemble is None and cached.frozen_modules() == {}
+    assert not any(k.startswith("ensemble.") for k in cached.state_dict())
+    assert set(live.frozen_modules()) == {"ensemble"}
     batch = torch.utils.data.default_collate([ds[i] for i in (3, 0, 7)])
     torch.testing.assert_close(cached.teacher_projection(batch), live.teacher_projection(batch),
                                rtol=1e-5, atol=1e-5)
@@ -260,16 +264,23 @@ def test_cli_tune_btuning_from_rank_output(ranked, tmp_path, capsys):
 
 
 def test_cli_cache_teacher_for_btuning_then_tune_reads_it(ranked, tmp_path, capsys):
+    """Augmentation on (the default): two augmented epochs cached once, replayed by a 2-epoch tune."""
     rc = main(["cache-teacher", "--ranking", str(ranked), "--top-k", "2", "--dataset", "digits",
-               "--max-samples", "60", "--cache-dir", str(tmp_path / "c")])
+               "--max-samples", "60", "--epochs", "2", "--cache-dir", str(tmp_path / "c")])
     assert rc == 0, capsys.readouterr().err
     path = capsys.readouterr().out.strip().splitlines()[-1]
-    assert path.endswith(".npy") and np.load(path).shape == (60, 10)
+    assert path.endswith(".npy") and np.load(path).shape == (2, 60, 10)
     rc = main(["tune", "--method", "btuning", "--ranking", str(ranked), "--top-k", "2", "--dataset", "digits",
-               "--max-samples", "60", "--epochs", "1", "--batch-size", "30", "--out", str(tmp_path / "o"),
+               "--max-samples", "60", "--epochs", "2", "--batch-size", "30", "--out", str(tmp_path / "o"),
                "--method-arg", "cache_teacher=true", "--method-arg", f"cache_dir={tmp_path / 'c'}"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "o" / "report.json").read_text())["method_hparams"]["cache_path"] == path
+    # a longer run than the cache is refused with the cure
+    capsys.readouterr()
+    rc = main(["tune", "--method", "btuning", "--ranking", str(ranked), "--top-k", "2", "--dataset", "digits",
+               "--max-samples", "60", "--epochs", "3", "--batch-size", "30", "--out", str(tmp_path / "o3"),
+               "--method-arg", "cache_teacher=true", "--method-arg", f"cache_dir={tmp_path / 'c'}"])
+    assert rc != 0 and "cache-teacher ... --epochs 3" in capsys.readouterr().err
 
 
 def test_bad_rankings_are_refused_with_the_cure(ranked, tmp_path):
@@ -287,6 +298,50 @@ def test_bad_rankings_are_refused_with_the_cure(ranked, tmp_path):
         hubtune.tune("btuning", ranking=bare, top_k=2, dataset="digits", max_samples=30, epochs=1)
     with pytest.raises(ConfigError, match="ranking="):
         hubtune.tune("btuning", model="test_resnet", dataset="digits", max_samples=30, epochs=1)
+
+
+def _with_info(ranked, dst, info):
+    dst.mkdir()
+    d = json.loads((ranked / "ranking.json").read_text())
+    d["dataset_info"] = info
+    if info is None:
+        d.pop("dataset_info")
+    (dst / "ranking.json").write_text(json.dumps(d))
+    import shutil
+
+    shutil.copytree(ranked / "logme", dst / "logme")
+    return dst
+
+
+def test_ranking_made_on_another_dataset_is_refused(ranked, tmp_path):
+    """Defect: B-Tuning never checked the ranking's dataset. ranking.json files written by hand, so this test
+    does not depend on what `hubtune rank` records."""
+    from hubtune.data import create_dataset, stratified_subsample
+
+    digits = create_dataset("digits")
+    sub = stratified_subsample(digits, max_samples=60, seed=1)  # another subsample of the same dataset: fine
+    same = {"spec": "digits", "split": "train", "fingerprint": "0" * 64, "base_fingerprint": digits.fingerprint,
+            "num_classes": 10, "max_samples": 90, "per_class": None}
+    ok = _with_info(ranked, tmp_path / "same", same)
+    m = BTuning.from_ranking(ok, 2, 10, dataset=sub)
+    assert len(m.teacher_names) == 2
+    BTuning.from_ranking(ok, 2, 10, dataset=digits.fingerprint)  # or its fingerprint
+    # ranked on Fashion-MNIST (another base fingerprint), tuned on digits: refused, naming both and the cure
+    other = _with_info(ranked, tmp_path / "fm", dict(same, spec="fashion-mnist", base_fingerprint="f" * 64,
+                                                      fingerprint="e" * 64))
+    with pytest.raises(ConfigError, match="fashion-mnist.*digits.*allow_foreign_ranking=true") as e:
+        BTuning.from_ranking(other, 2, 10, dataset=sub)
+    assert "Rank on this dataset" in str(e.value)
+    with pytest.raises(ConfigError, match="another number of classes"):
+        BTuning.from_ranking(_with_info(ranked, tmp_path / "c5", dict(same, num_classes=5)), 2, 10, dataset=sub)
+    with pytest.warns(UserWarning, match="ranked on fashion-mnist"):
+        BTuning.from_ranking(other, 2, 10, dataset=sub, allow_foreign_ranking=True)
+    # an old ranking (no dataset_info): a warning, nothing refused
+    with pytest.warns(UserWarning, match="older hubtune"):
+        BTuning.from_ranking(_with_info(ranked, tmp_path / "old", None), 2, 10, dataset=sub)
+    # through hubtune tune (api passes the training set): refused
+    with pytest.raises(ConfigError, match="fashion-mnist"):
+        hubtune.tune("btuning", ranking=other, top_k=2, dataset="digits", max_samples=30, epochs=1)
 
 
 def test_make_transferable_builds_btuning():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
-from hubtune.errors import ConfigError, InputError  # noqa: E402
+from hubtune.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from hubtune.hub import load_candidate  # noqa: E402
 from hubtune.tuning import (  # noqa: E402
     METHODS, Engine, FineTune, Method, TrainConfig, bss_penalty, register_method, transfer_weights)
@@ -186,7 +186,9 @@ def test_finetune_run_learns_and_saves_loadable_model(tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["method"] == "finetune" and on_disk["config"]["lr"] == 3e-3 and on_disk["seconds"] > 0
-    assert on_disk["method_hparams"]["l2sp_alpha"] == 0.01
+    # plain fine-tuning by default (timm / tllib): L2-SP and BSS are opt-in
+    assert on_disk["method_hparams"]["l2sp_alpha"] == 0.0 and on_disk["method_hparams"]["l2sp_beta"] == 0.0
+    assert on_disk["method_hparams"]["bss_eta"] == 0.0 and rep["final"]["train_l2sp"] == 0.0
     assert (out / "checkpoint.pt").is_file()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -237,7 +239,7 @@ def test_resume_is_exact(tmp_path):
     ma = json.loads((tmp_path / "a" / "report.json").read_text())["final"]
     mb = json.loads((tmp_path / "b" / "report.json").read_text())["final"]
     assert ma["train_total"] == mb["train_total"]
-    with pytest.raises(ConfigError, match="written by method 'finetune'"):
+    with pytest.raises(CheckpointError, match="written by method 'finetune'"):
         Engine(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **kw)).fit(MLPMethod(), vectors())
 
 

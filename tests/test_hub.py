@@ -635,3 +635,32 @@ def test_hf_hub_transformers_bin_and_sharded(offline_cache, tiny_vit, tmp_path):
         assert candidate_info(f"hf-hub:{repo}")["cached"] is True
     assert len(idents) == 2
     assert cand.data_config["input_size"] == (3, 32, 32)  # no preprocessor_config.json: config.image_size
+
+
+def test_resolved_spec_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(ModelSpec.parse("local-dir:a/../b").resolved()) == f"local-dir:{tmp_path / 'b'}"
+    assert str(ModelSpec.parse("file:w.safetensors::resnet18").resolved()) == \
+        f"file:{tmp_path / 'w.safetensors'}::resnet18"
+    for s in ("resnet18.a1_in1k", "hf-hub:org/name@main", "pkg:efficientnet_lite0"):
+        assert ModelSpec.parse(s).resolved() == ModelSpec.parse(s)
+    r = ModelSpec.parse("local-dir:x").resolved()
+    assert ModelSpec.parse(str(r)) == r  # the grammar round trip still holds
+
+
+def test_config_json_values_are_checked_before_building(tmp_path):
+    from hubtune.hub.sources import read_timm_config
+
+    good = {"architecture": "test_resnet", "num_classes": 3,
+            "pretrained_cfg": {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9}}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(good))
+    assert read_timm_config(p, "x") == ("test_resnet", {"num_classes": 3}, good["pretrained_cfg"])
+    for bad, needle in [({"num_classes": True}, "num_classes"), ({"num_classes": 2.5}, "num_classes"),
+                        ({"model_args": [1]}, "model_args"), ({"architecture": 7}, "architecture"),
+                        ({"pretrained_cfg": dict(good["pretrained_cfg"], crop_pct=0)}, "crop_pct"),
+                        ({"pretrained_cfg": dict(good["pretrained_cfg"], mean=["a", 1, 1])}, "mean"),
+                        ({"pretrained_cfg": dict(good["pretrained_cfg"], input_size=[3, 16, 9999])}, "input_size")]:
+        p.write_text(json.dumps({**good, **bad}))
+        with pytest.raises(SpecError, match=needle):
+            read_timm_config(p, "x")

@@ -47,14 +47,14 @@ def batch(n=8, size=32, seed=1, classes=4):
 
 
 def hand_weights(h: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k of each row by sorting, softmax over the selected in float64, zeros elsewhere."""
+    """Top-k of each row by sorting; on them the softmax over ALL K entries in float64 (Switch-style, not
+    renormalised), zeros elsewhere."""
     h = h.double()
     w = torch.zeros_like(h)
     for b in range(h.shape[0]):
         order = sorted(range(h.shape[1]), key=lambda j: -float(h[b, j]))[:k]
-        sel = h[b, order]
-        e = torch.exp(sel - sel.max())
-        w[b, order] = e / e.sum()
+        e = torch.exp(h[b] - h[b].max())
+        w[b, order] = (e / e.sum())[order]
     return w
 
 
@@ -85,7 +85,10 @@ def test_gating_without_noise_is_topk_softmax(k):
     assert torch.equal(g["logits"], clean)          # no noise when noise=False, even in training
     w = g["weights"]
     assert torch.allclose(w.double(), hand_weights(clean, k), atol=1e-6)
-    assert torch.allclose(w.sum(1), torch.ones(len(x)), atol=1e-6)
+    # rows hold the full-softmax mass of the kept models: 1 only when every model is kept
+    kept_mass = (torch.softmax(clean.double(), 1) * g["mask"]).sum(1)
+    assert torch.allclose(w.sum(1).double(), kept_mass, atol=1e-6)
+    assert torch.allclose(w.sum(1), torch.ones(len(x)), atol=1e-6) == (k == 3)
     assert ((w > 0).sum(1) == k).all()
     assert torch.equal(g["mask"], w > 0)
 
@@ -215,6 +218,28 @@ def test_losses_match_float64_hand_computation():
     assert explore >= 0
     fr = [float(terms[f"route_frac_{e}"]) for e in range(3)]
     assert sum(fr) == pytest.approx(2.0) and all(terms[k].ndim == 0 for k in terms)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_task_loss_alone_trains_the_generator_at_every_k(k):
+    """Defect: with a softmax over the kept logits only, k = 1 gives w = 1 and the CE of the prediction sends
+    the generator no gradient. The full-softmax weights carry one at k = 1 and k = 2."""
+    hp = make(k=k, noise=False).eval()  # eval: BN on running statistics, so routing subsets do not matter
+    x, y = batch()
+    ce = F.cross_entropy(hp.predict(x), y)  # the task loss alone: no exploit, no explore term
+    grads = torch.autograd.grad(ce, [hp.generator.gate.weight, hp.generator.gate.bias])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 1e-6
+
+    # the old formulation (softmax over the k kept logits), computed by hand: no gradient at k = 1
+    clean, _ = hp.generator(x)
+    top_v, top_i = clean.topk(k, dim=1)
+    w_old = torch.zeros_like(clean).scatter(1, top_i, F.softmax(top_v, dim=1))
+    with torch.no_grad():
+        logits = all_logits(hp, x)
+    z_old = sum(w_old[:, e:e + 1] * logits[e] for e in range(3))
+    g_old = torch.autograd.grad(F.cross_entropy(z_old, y), hp.generator.gate.weight)[0]
+    assert (float(g_old.abs().sum()) == 0.0) == (k == 1)
 
 
 def test_gradients_reach_generator_backbones_and_heads():

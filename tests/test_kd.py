@@ -15,7 +15,8 @@ timm = pytest.importorskip("timm")
 from hubtune.errors import ConfigError, TeacherCacheError  # noqa: E402
 from hubtune.tuning import METHODS, Engine, TrainConfig  # noqa: E402
 from hubtune.tuning.kd import (  # noqa: E402
-    IndexedDataset, KnowledgeDistillation, cache_teacher_outputs, module_identity, teacher_cache_path)
+    IndexedDataset, KnowledgeDistillation, cache_teacher_outputs, module_identity, teacher_cache_key,
+    teacher_cache_path)
 from hubtune.tuning.losses import DistillationLoss  # noqa: E402
 
 
@@ -156,7 +157,7 @@ def test_cache_equals_live_teacher_and_never_calls_it(tmp_path):
     teacher = tiny(seed=2)
     path = cache_teacher_outputs(teacher, ds, tmp_path / "t.npy", batch_size=8)
     arr = np.load(path)
-    assert arr.dtype == np.float32 and arr.shape == (16, 3)
+    assert arr.dtype == np.float32 and arr.shape == (1, 16, 3)  # (epochs, n, C)
     assert not list(tmp_path.glob(".*tmp"))
 
     live = KnowledgeDistillation(tiny(seed=1), copy.deepcopy(teacher))
@@ -176,10 +177,12 @@ def test_cache_equals_live_teacher_and_never_calls_it(tmp_path):
     for (k, a), b in zip(live.student.state_dict().items(), cached.student.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
-    # cache_dir keyed by the teacher identity
+    # cache_dir keyed by the teacher identity and its view
     d = tmp_path / "cache"
-    cache_teacher_outputs(teacher, ds, teacher_cache_path(d, module_identity(teacher)))
-    KnowledgeDistillation(tiny(seed=1), teacher, cache_teacher=True, cache_dir=d)
+    p = cache_teacher_outputs(teacher, ds, cache_dir=d)
+    assert p == teacher_cache_path(d, teacher_cache_key(teacher))
+    c = KnowledgeDistillation(tiny(seed=1), teacher, cache_teacher=True, cache_dir=d)
+    assert c.cache_path == p and c.teacher is None and c.teacher_identity == module_identity(teacher)
 
 
 def test_cache_refuses_augmented_or_unindexed_batches(tmp_path):
@@ -248,8 +251,186 @@ def test_hub_specs_from_different_hubs_and_cache_by_candidate_identity(tmp_path)
     x, y = images(4).tensors
     assert set(m.losses({"input": x, "target": y})) == {"total", "hard", "soft"}
     ds = IndexedDataset(images(8))
-    cache_teacher_outputs(spec, ds, teacher_cache_path(tmp_path / "c", m.teacher_identity))
+    cache_teacher_outputs(spec, ds, cache_dir=tmp_path / "c", input_config=m.data_config)
     c = KnowledgeDistillation("test_resnet", spec, num_classes=3, pretrained=False, cache_teacher=True,
                               cache_dir=tmp_path / "c")
     batch = {"input": x, "target": y, "index": torch.arange(4)}
     torch.testing.assert_close(c.teacher_logits(batch), m.teacher_logits(batch), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ issue 9: the teacher's own view
+def _cfg(size, mean, std):
+    return {"input_size": (3, size, size), "mean": mean, "std": std, "crop_pct": 1.0, "interpolation": "bilinear",
+            "crop_mode": "center"}
+
+
+S_CFG = _cfg(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # the student's (ImageNet) view
+T_CFG = _cfg(12, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))               # an EfficientNet-Lite-like teacher view
+
+
+class Recorder(torch.nn.Module):
+    """A 'teacher' that records what it is fed and returns 3 logits."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.pretrained_cfg = dict(cfg)
+        self.num_classes = 3
+        self.lin = torch.nn.Linear(3, 3)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.lin(x.mean((2, 3)))
+
+
+def test_teacher_gets_its_own_view_of_the_students_batch():
+    """Defect: the teacher was fed the student's preprocessing. Now a teacher with another mean/std/size gets
+    what its own eval transform gives for the same image. Tolerance: both paths resize bilinearly with
+    antialiasing, but the teacher's transform resizes uint8 PIL pixels (rounded to 1/255) while the adapter
+    resizes the student's float tensor: they differ by at most ~1 grey level / std (1/255/0.5 = 0.008) per pixel,
+    plus PIL-vs-torch antialias kernels; 0.05 in teacher units (~6 grey levels) bounds both, far below the
+    error of the old behaviour (the student's normalisation: up to |(1-0.485)/0.229 - (1-0.5)/0.5| = 1.25)."""
+    from PIL import Image
+
+    from hubtune.data import transform_for
+    from hubtune.tuning.multi import InputAdapter
+
+    rng = np.random.default_rng(0)
+    # smooth images (a blurred pattern) so that resampling differences stay small
+    base = rng.integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    imgs = [Image.fromarray(b).resize((16, 16), Image.BILINEAR) for b in base]
+    x_s = torch.stack([transform_for(S_CFG)(im) for im in imgs])          # the batch, as the student sees it
+    want = torch.stack([transform_for(T_CFG)(im) for im in imgs])         # the teacher's own transform
+    teacher = Recorder(T_CFG)
+    student = tiny(seed=1)
+    m = KnowledgeDistillation(student, teacher, data_config=S_CFG)
+    m.losses({"input": x_s, "target": torch.tensor([0, 1])})
+    got = teacher.seen[-1]
+    assert got.shape == want.shape == (2, 3, 12, 12)
+    assert (got - want).abs().max() < 0.05
+    # exactly InputAdapter's arithmetic, by hand in float64
+    raw = x_s.double() * torch.tensor(S_CFG["std"]).double().view(1, 3, 1, 1) + \
+        torch.tensor(S_CFG["mean"]).double().view(1, 3, 1, 1)
+    raw = F.interpolate(raw, size=(12, 12), mode="bilinear", align_corners=False, antialias=True)
+    hand = (raw - 0.5) / 0.5
+    torch.testing.assert_close(got.double(), hand, rtol=1e-5, atol=1e-5)
+    # the old behaviour (the student's tensor as it is) is far off
+    assert x_s.shape != want.shape
+    # a same-view teacher is fed the batch itself
+    same = Recorder(S_CFG)
+    KnowledgeDistillation(tiny(seed=1), same, data_config=S_CFG).losses({"input": x_s})
+    assert same.seen[-1].data_ptr() == x_s.data_ptr() or torch.equal(same.seen[-1], x_s)
+    assert isinstance(m.teacher_adapter, InputAdapter) and m.hparams()["teacher_view"]["input_size"] == (3, 12, 12)
+
+
+def test_cache_is_keyed_by_the_view_and_replays_the_viewed_teacher(tmp_path):
+    ds = IndexedDataset(images(8))
+    teacher = Recorder(T_CFG)
+    live = KnowledgeDistillation(tiny(seed=1), teacher, data_config=S_CFG)
+    path = cache_teacher_outputs(teacher, ds, cache_dir=tmp_path, input_config=S_CFG, batch_size=4)
+    cached = KnowledgeDistillation(tiny(seed=1), teacher, data_config=S_CFG, cache_teacher=True, cache_dir=tmp_path)
+    assert cached.cache_path == path
+    batch = torch.utils.data.default_collate([ds[i] for i in (5, 1, 2)])
+    torch.testing.assert_close(cached.teacher_logits(batch), live.teacher_logits(batch), rtol=1e-5, atol=1e-6)
+    # the same teacher behind another view (the student's own) is another cache
+    assert teacher_cache_key(teacher, S_CFG) != teacher_cache_key(teacher, T_CFG)
+    with pytest.raises(TeacherCacheError, match="no teacher cache"):
+        KnowledgeDistillation(tiny(seed=1), teacher, data_config=T_CFG, cache_teacher=True, cache_dir=tmp_path)
+
+
+def test_cached_teacher_is_not_held_and_frozen_teacher_is_named():
+    live = KnowledgeDistillation(mlp(seed=1), mlp(seed=2))
+    assert set(live.frozen_modules()) == {"teacher"} and live.frozen_modules()["teacher"] is live.teacher
+    ssld = KnowledgeDistillation(mlp(seed=1), mlp(seed=2), teacher_bn="train")
+    assert ssld.frozen_modules() == {}  # its BN statistics change: checkpointed like any state
+
+
+# ------------------------------------------------------------------ issue 9: exact caching under augmentation
+class ToyAugmented(torch.utils.data.Dataset):
+    """Deterministic per (index, epoch, seed): a random flip and shift drawn from a generator seeded by them."""
+
+    def __init__(self, base, seed=0):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + int(i))
+        if torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        x = torch.roll(x, int(torch.randint(-2, 3, (), generator=g)), dims=-2)
+        return x + 0.1 * torch.randn(x.shape, generator=g), y
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_augmented_cache_equals_live_teacher_over_epochs(tmp_path, real):
+    """E augmented epochs cached once, replayed: a cached run equals a live-teacher run (every epoch's rows,
+    the losses and the trained student), and it never calls the teacher. real=True uses the data package's
+    AugmentedDataset (timm's training transform, deterministic per sample, epoch and seed)."""
+    if real:
+        from hubtune.data import create_dataset, stratified_subsample
+        from hubtune.data.augment import AugmentedDataset, train_transform_for
+
+        src = stratified_subsample(create_dataset("digits"), max_samples=24, seed=0)
+        cfg = dict(tiny().pretrained_cfg, input_size=(3, 16, 16), crop_pct=1.0)
+        aug = AugmentedDataset(src, train_transform_for(cfg), seed=3)
+    else:
+        aug = ToyAugmented(images(24), seed=3)
+    C = 10 if real else 3
+    ds = IndexedDataset(aug)
+    teacher = tiny(C, seed=2)
+    E = 2
+    path = cache_teacher_outputs(teacher, ds, tmp_path / "t.npy", batch_size=8, epochs=E)
+    assert np.load(path).shape == (E, 24, C)
+    assert aug.epoch == 0  # left at epoch 0
+    # the rows of epoch e are the live teacher's outputs on epoch e's augmented items
+    cache = KnowledgeDistillation(tiny(C, seed=1), copy.deepcopy(teacher), cache_teacher=True, cache_path=path)
+    for e in range(E):
+        ds.set_epoch(e)
+        batch = torch.utils.data.default_collate([ds[i] for i in (7, 0, 23)])
+        cache.on_epoch_start(e, E)
+        with torch.no_grad():
+            live_rows = teacher.eval()(batch["input"])
+        torch.testing.assert_close(cache.teacher_logits(batch), live_rows, rtol=1e-5, atol=1e-5)
+    # epochs differ (the augmentation is on), so replaying epoch 0 in epoch 1 is caught
+    ds.set_epoch(1)
+    b1 = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    cache.on_epoch_start(0, E)
+    with pytest.raises(TeacherCacheError, match="epoch 0 differs"):
+        cache.teacher_logits(b1)
+
+    # whole runs: live vs cached, same seed and data order (the engine calls set_epoch / on_epoch_start)
+    ds.set_epoch(0)
+    live = KnowledgeDistillation(tiny(C, seed=1), copy.deepcopy(teacher))
+    rep_live = _run(live, ds, steps_epochs=E)
+    calls = []
+    cached_teacher = copy.deepcopy(teacher)
+    cached_teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+    ds.set_epoch(0)
+    cached = KnowledgeDistillation(tiny(C, seed=1), cached_teacher, cache_teacher=True, cache_path=path)
+    rep_cached = _run(cached, ds, steps_epochs=E)
+    assert calls == [] and cached.teacher is None
+    for a, b in zip(rep_live["history"], rep_cached["history"]):
+        for k in ("train_total", "train_hard", "train_soft"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    for (k, a), b in zip(live.student.state_dict().items(), cached.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    # a longer run than the cache is refused at its start, with the cure
+    with pytest.raises(TeacherCacheError, match="--epochs 3"):
+        KnowledgeDistillation(tiny(C, seed=1), teacher, cache_teacher=True, cache_path=path).on_epoch_start(0, 3)
+
+
+def test_unaugmented_cache_is_replayed_every_epoch(tmp_path):
+    ds = IndexedDataset(images(8))
+    path = cache_teacher_outputs(tiny(seed=2), ds, tmp_path / "t.npy")
+    m = KnowledgeDistillation(tiny(seed=1), tiny(seed=2), cache_teacher=True, cache_path=path)
+    m.on_epoch_start(4, 10)  # one epoch of an epoch-independent dataset serves them all
+    batch = torch.utils.data.default_collate([ds[i] for i in range(3)])
+    assert m.teacher_logits(batch).shape == (3, 3)
+    with pytest.raises(ConfigError, match="set_epoch"):
+        cache_teacher_outputs(tiny(seed=2), ds, tmp_path / "u.npy", epochs=2)

@@ -31,7 +31,7 @@ def test_classification_matches_bruteforce(n, d, gaps, backend):
     F, y = make_classification(n, d, 4, seed=n + d, gaps=gaps)
     res = logme(F, y, backend=backend)
     assert res.form == ("primal" if n > d else "dual")
-    assert res.task == "classification" and len(res.columns) == 4
+    assert res.task_ == "classification" and res.task == "auto" and len(res.columns) == 4
     assert_matches_brute(res, F, y, "classification")
 
 
@@ -43,7 +43,7 @@ def test_regression_matches_bruteforce(n, d, cols, backend):
     Y = F[:, :cols] @ rng.standard_normal((cols, cols)) + 0.3 * rng.standard_normal((n, cols))
     y = Y[:, 0] if cols == 1 else Y
     res = logme(F, y, backend=backend)
-    assert res.task == "regression"
+    assert res.task_ == "regression"
     assert_matches_brute(res, F, y, "regression")
 
 
@@ -52,7 +52,7 @@ def test_multilabel_matches_bruteforce(backend):
     F = rng.standard_normal((200, 12))
     Y = (F[:, :3] + 0.5 * rng.standard_normal((200, 3)) > 0).astype(np.int64)
     res = logme(F, Y, backend=backend)
-    assert res.task == "multilabel"
+    assert res.task_ == "multilabel"
     assert_matches_brute(res, F, Y, "multilabel")
 
 
@@ -266,3 +266,61 @@ def test_registry_creates_logme():
     assert isinstance(create_estimator("logme"), LogME)
     with pytest.raises(InputError, match="choose one of"):
         create_estimator("logmee")
+
+
+# ------------------------------------------------------------------ the task: decided from values, never overwritten
+def test_float_class_ids_score_as_classes_numpy_and_torch():
+    """Issue 9, defect 8: a float tensor of class ids was scored as one regression column."""
+    torch = pytest.importorskip("torch")
+    F, y = make_classification(200, 12, 4, seed=3, gaps=True)
+    ref = _brute.logme(F, y, "classification")
+    for labels in (y.astype(np.float64), y.astype(np.float32), torch.from_numpy(y).float(),
+                   torch.from_numpy(y).double()):
+        res = logme(F, labels)
+        assert res.task_ == "classification" and list(res.columns) == [0, 3, 6, 9]
+        np.testing.assert_allclose(res.score, ref["score"], rtol=RTOL)
+        np.testing.assert_allclose(res.evidence, ref["evidence"], rtol=RTOL)
+
+
+def test_task_is_never_overwritten_and_the_resolved_one_is_task_():
+    F, y = make_classification(120, 6, 3, seed=2)
+    acc = LogME()
+    assert acc.task == "auto" and acc.task_ is None
+    acc.update(F[:60], y[:60].astype(np.float32)).update(F[60:], y[60:])
+    res = acc.result()
+    assert acc.task == "auto" and res.task == "auto"
+    assert acc.task_ == "classification" and res.task_ == "classification"
+    explicit = LogME(task="regression").update(F, y.astype(np.float64))
+    assert explicit.task == explicit.task_ == "regression" and len(explicit.result().columns) == 1
+    # the state keeps both, so a resumed accumulator reports the same
+    resumed = LogME().load_state_dict(acc.state_dict())
+    assert resumed.task == "auto" and resumed.task_ == "classification"
+    np.testing.assert_allclose(resumed.result().score, res.score, rtol=RTOL)
+
+
+def test_non_integral_floats_are_still_regression():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    F = rng.standard_normal((150, 5))
+    t = F[:, 0] + 0.3 * rng.standard_normal(150)
+    for labels in (t, torch.from_numpy(t).float()):
+        res = logme(F, labels)
+        assert res.task_ == "regression" and res.task == "auto" and len(res.columns) == 1
+    np.testing.assert_allclose(logme(F, t).score, _brute.logme(F, t, "regression")["score"], rtol=RTOL)
+    # integral floats that are really continuous: say so
+    assert logme(F, t.round(), task="regression").task_ == "regression"
+
+
+def test_target_type_follows_scikit_learn():
+    from sklearn.utils.multiclass import type_of_target
+
+    from hubtune.scoring.base import target_type
+
+    kinds = {"binary": "classification", "multiclass": "classification", "continuous": "regression",
+             "multilabel-indicator": "multilabel", "continuous-multioutput": "regression"}
+    rng = np.random.default_rng(0)
+    cases = [np.array([0, 1, 1]), np.array([0.0, 2.0, 5.0]), np.array([True, False]), np.array([0.5, 1.0]),
+             np.array([[0, 1], [1, 1]]), np.array([[0.0, 1.0], [1.0, 0.0]]), rng.standard_normal((5, 3)),
+             np.array([[1], [2], [3]])]
+    for y in cases:
+        assert target_type(y) == kinds[type_of_target(y)], y

@@ -156,3 +156,28 @@ def test_hscore_errors():
         HScore().update(F, y).update(F[:, :2], y)
     with pytest.raises(ValueError, match="cannot merge"):
         HScore().update(F, y).merge(create_estimator("leep"))
+
+
+def test_leep_checks_and_accumulates_in_bounded_blocks_with_exact_result():
+    """A chunk is widened to float64 one block at a time (the old update widened the whole chunk, and
+    its second pass read 65536 rows at once); the score is the one-shot float64 value whatever the block."""
+    from hubtune.errors import ProbabilityError
+    from hubtune.scoring import LEEP
+
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((500, 9))
+    P = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 5, 500) * 3
+    ref = _brute.leep(P, y)
+    for rows in (1, 7, 64, 10_000):
+        est = LEEP(block_rows=rows).update(P, y)
+        assert est.result().score == pytest.approx(ref, rel=1e-12)
+    est = LEEP(block_rows=7).update(P[:250], y[:250]).merge(LEEP(block_rows=13).update(P[250:], y[250:]))
+    assert est.result().score == pytest.approx(ref, rel=1e-12)
+    # a bad row in a late block is found and counted, and nothing is added
+    bad = P.copy()
+    bad[[3, 499]] *= 2
+    est = LEEP(block_rows=7)
+    with pytest.raises(ProbabilityError, match="^2 of 500 rows"):
+        est.update(bad, y)
+    assert est.n == 0

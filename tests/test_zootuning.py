@@ -96,6 +96,46 @@ def test_identical_sources_with_half_gates_is_a_scaled_conv():
     torch.testing.assert_close(agg(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["grouped", "sum"])
+@pytest.mark.parametrize("K", [2, 3])
+def test_initial_aggregate_is_the_sources_average(K, impl):
+    """Defect: sigmoid gates at 0.5 started every conv at K/2 times the average kernel. Now every gate is 1/K
+    for any input, so the aggregated conv is the conv with the average kernel and bias (float64 check)."""
+    torch.manual_seed(3)
+    convs = [torch.nn.Conv2d(4, 6, 3, padding=1, bias=True).double() for _ in range(K)]
+    agg = AdaptiveAggregationConv2d(convs, impl=impl).double()
+    with torch.no_grad():  # a non-trivial hidden layer: the gates must not depend on it at the start
+        agg.gate[0].weight.normal_()
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64) * 3
+    torch.testing.assert_close(agg.gates(x), torch.full((5, K), 1.0 / K, dtype=torch.float64), rtol=0, atol=1e-15)
+    w_avg = torch.stack([c.weight for c in convs]).mean(0)
+    b_avg = torch.stack([c.bias for c in convs]).mean(0)
+    ref = F.conv2d(x, w_avg, b_avg, padding=1)
+    torch.testing.assert_close(agg(x), ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(agg.ema_gates, torch.full((K,), 1.0 / K, dtype=torch.float64))
+    # the old initialisation: gates near 0.5, i.e. about K/2 times the average
+    old = AdaptiveAggregationConv2d(convs, impl=impl, gate_init="half").double()
+    assert (old.gates(x) - 0.5).abs().max() < 0.25
+    assert not torch.allclose(old(x), ref, rtol=1e-3, atol=1e-3) or K == 2
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_initial_zoo_model_equals_the_averaged_model(K):
+    """The whole aggregated network at the start (eval) = one timm model with every conv kernel and BN
+    averaged over the sources (and the new head): float64."""
+    sources = [m.double() for m in zoo(k=K)]
+    zt = ZooTuning(sources, 3).double().eval()
+    avg = timm.create_model("test_resnet", pretrained=False, num_classes=3).double().eval()
+    with torch.no_grad():
+        sd = {n: torch.stack([s.state_dict()[n].double() for s in sources]).mean(0)
+              for n in avg.state_dict() if not n.startswith("fc.") and avg.state_dict()[n].is_floating_point()}
+        avg.load_state_dict({**avg.state_dict(), **sd, **{f"fc.{k}": v for k, v in
+                                                          zt.model.get_classifier().state_dict().items()}})
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(zt.predict(x), avg(x), rtol=1e-9, atol=1e-10)
+
+
 def test_lite_conv_uses_batch_mean_then_ema():
     torch.manual_seed(2)
     convs = [torch.nn.Conv2d(4, 5, 3, padding=1) for _ in range(2)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .. import __version__
 from ..errors import HubtuneError
@@ -28,8 +29,15 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings from the command are messages for the user (a skipped model, a damaged cache entry): print the
+    message alone, not the source line that raised it."""
+    return f"hubtune: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _format_warning
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)

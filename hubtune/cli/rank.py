@@ -8,12 +8,15 @@ from ._common import add_hub_args as _add_hub_args, hub_specs as _hub_specs
 
 def _cmd_rank(args) -> int:
     from ..features import ExtractOptions
-    from ..ranking import rank
+    from ..ranking import check_rank_args, rank
 
+    # every count is checked before the hub is listed or any model loaded (0 never means "everything")
+    check_rank_args(max_samples=args.max_samples, per_class=args.per_class, budget=args.budget, top_k=args.top_k)
+    options = ExtractOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
+                             precision=args.precision, compile=False if args.no_compile else "auto",
+                             cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                             progress=False if args.quiet else None)
     specs = _hub_specs(args)
-    options = ExtractOptions(batch_size=args.batch_size, device=args.device, precision=args.precision,
-                             compile=False if args.no_compile else "auto", cache_dir=args.cache_dir,
-                             use_cache=not args.no_cache, progress=False if args.quiet else None)
     if not args.quiet:
         print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
     ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
@@ -22,22 +25,27 @@ def _cmd_rank(args) -> int:
                    trust_remote_code=args.trust_remote_code)
     print(ranking.table())
     if args.top_k:
-        print(f"top-{args.top_k}: {', '.join(ranking.top(min(args.top_k, len(ranking.candidates))))}")
+        top = ranking.candidates[:args.top_k]
+        print(f"top-{args.top_k}: {', '.join(c.spec_given or c.spec for c in top)}")
     if args.out:
         print(f"wrote {args.out}/ranking.json, ranking.csv" + (", ranking.png" if (Path(args.out) / "ranking.png").exists() else ""))
     return 0
 
 
 def add_parser(sub, lazy: bool = False) -> None:
-    from ..data import list_datasets
-
     names = ESTIMATORS.names()
+    if lazy:  # the registry imports torch: only `hubtune rank --help` needs the list
+        datasets = "the registered datasets (see hubtune rank --help)"
+    else:
+        from ..data import list_datasets
+
+        datasets = ", ".join(list_datasets())
 
     rk = sub.add_parser(
         "rank", help="rank hub models on a dataset by transferability",
         description="Extract features of every candidate once (cached), score them, and rank. With no "
                     "arguments: digits and the packaged EfficientNet-Lite0/1/2 hub, offline. Datasets: "
-                    f"{', '.join(list_datasets())}, imagefolder:PATH.")
+                    f"{datasets}, imagefolder:PATH.")
     rk.add_argument("--dataset", default="digits")
     rk.add_argument("--split", default="train")
     rk.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
@@ -50,6 +58,9 @@ def add_parser(sub, lazy: bool = False) -> None:
     rk.add_argument("--budget", type=int, help="successive halving from this many images")
     rk.add_argument("--out", help="folder for ranking.json, ranking.csv, ranking.png, logme/ weights")
     rk.add_argument("--batch-size", type=int, default=64)
+    rk.add_argument("--chunk-size", type=int, default=512,
+                    help="rows decoded at once and written per cache file (an interrupted rank resumes after "
+                         "the last whole chunk)")
     rk.add_argument("--device")
     rk.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     rk.add_argument("--no-compile", action="store_true")

@@ -7,29 +7,62 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .._io import load_array, write_json
-from ..errors import InputError
+from .._io import ArrayFile, _InMemory, check_writable, load_array, open_array, write_json
+from ..errors import EmptyInputError, InputError
 from ..scoring import ESTIMATORS, create_estimator
+from ..scoring.base import check_lengths, target_type, to_numpy
+from ..scoring.gram import block_rows as gram_block_rows
 from ..scoring.leep import softmax as to_probabilities
 
 DEFAULT_METRICS = ("logme", "hscore-shrunk")
 
 
 # ------------------------------------------------------------------------------------------- score
-def score_arrays(x: np.ndarray, labels: np.ndarray, metrics, task: str = "auto", softmax: bool = False,
-                 backend: str | None = None) -> dict:
-    """Score one array with each metric; returns {metric: result}. Feeds each estimator what it reads."""
-    results = {}
+def score_arrays(x, labels, metrics, task: str = "auto", softmax: bool = False,
+                 backend: str | None = None, block_rows: int | None = None) -> dict:
+    """Score one array (in memory, or an :class:`~hubtune._io.ArrayFile` read in blocks) with each metric;
+    returns {metric: result}. One pass over the rows: each block is fed to every estimator's ``update`` (the
+    probabilities for LEEP computed per block with --softmax), so memory is one block plus the estimators'
+    states, whatever n is."""
+    source = x if isinstance(x, ArrayFile) else _InMemory(np.asarray(x))
+    labels = to_numpy(labels, "labels")
+    if len(source) == 0:
+        raise EmptyInputError(f"{source.path} has no rows (shape {source.shape}); pass at least one sample")
+    check_lengths(len(source), labels)
+    estimators = {}
     for name in metrics:
-        cls = ESTIMATORS.get(name)
-        kwargs = {}
-        if name == "logme":
-            kwargs = {"task": task, "backend": backend}
-        inputs = x
-        if cls.input_kind == "probs" and softmax:
-            inputs = to_probabilities(x)
-        results[name] = create_estimator(name, **kwargs).update(inputs, labels).result()
-    return results
+        kwargs = {"task": task, "backend": backend} if name == "logme" else {}
+        estimators[name] = create_estimator(name, **kwargs)
+    width = int(np.prod(source.shape[1:], dtype=np.int64)) or 1
+    rows = block_rows or gram_block_rows(width)
+    for sl, block in source.blocks(rows):
+        probs = None
+        for est in estimators.values():
+            inputs = block
+            if est.input_kind == "probs" and softmax:
+                probs = to_probabilities(block) if probs is None else probs
+                inputs = probs
+            est.update(inputs, labels[sl])
+    return {name: est.result() for name, est in estimators.items()}
+
+
+def choose_metrics(requested, task: str) -> tuple[list[str], list[str]]:
+    """(metrics to run, notes). Requested metrics that cannot score ``task`` are an error naming them; the
+    default metrics that cannot are left out, with a note saying which and why."""
+    can = [n for n in ESTIMATORS.names() if task in ESTIMATORS.get(n).tasks]
+    if requested:
+        bad = [m for m in requested if task not in ESTIMATORS.get(m).tasks]
+        if bad:
+            raise InputError(f"--metric {' '.join(bad)} cannot score {task} targets (only class labels); "
+                             f"metrics that can: {', '.join(can)}")
+        return list(requested), []
+    keep = [m for m in DEFAULT_METRICS if task in ESTIMATORS.get(m).tasks]
+    left = [m for m in DEFAULT_METRICS if m not in keep]
+    if not keep:
+        raise InputError(f"no default metric scores {task} targets; pass --metric with one of {', '.join(can)}")
+    notes = [f"note: default metric {m} left out: it scores class labels only, and the targets are {task}"
+             for m in left]
+    return keep, notes
 
 
 def digits_feature_sets(seed: int = 0):
@@ -47,32 +80,43 @@ def digits_feature_sets(seed: int = 0):
 
 
 def _cmd_score(args) -> int:
-    metrics = args.metric or list(DEFAULT_METRICS)
-    task = "regression" if args.regression else ("multilabel" if args.multilabel else "auto")
+    if args.regression and args.multilabel:
+        raise InputError("--regression and --multilabel contradict each other; pass one of them (or neither, "
+                         "to decide from the labels)")
+    flag = "regression" if args.regression else ("multilabel" if args.multilabel else None)
+    if args.json:
+        check_writable(Path(args.json).parent)  # before the work, not at the final write
     if args.features is None:
         sets = digits_feature_sets()
         print("No FEATURES given: scoring the embedded default, scikit-learn's digits "
               f"({len(sets[0][2])} images, 10 classes) under three feature extractors.")
     else:
-        x = load_array(args.features, args.features_key)
+        x = open_array(args.features, args.features_key)
         if args.labels is not None:
             y = load_array(args.labels, args.labels_key, default_keys=("labels",))
-        elif Path(args.features).suffix in (".npz", ".pt", ".pth"):
+        elif Path(args.features).suffix.lower() in (".npz", ".pt", ".pth"):
             y = load_array(args.features, args.labels_key or "labels")
         else:
             raise InputError("LABELS is missing; pass a labels file, or an .npz/.pt holding 'labels'")
         sets = [(Path(args.features).stem, x, y)]
+    task = flag or target_type(sets[0][2])
+    metrics, notes = choose_metrics(args.metric, task)
+    for note in notes:
+        print(note)
     rows = []
     for name, x, y in sets:
         start = time.perf_counter()
-        results = score_arrays(x, y, metrics, task=task, softmax=args.softmax, backend=args.backend)
-        rows.append({"name": name, "n": int(len(x)), "dim": int(x.shape[1]) if x.ndim == 2 else 1,
+        results = score_arrays(x, y, metrics, task=task, softmax=args.softmax,
+                               backend=args.backend)
+        dim = int(np.prod(x.shape[1:], dtype=np.int64)) if len(x.shape) > 1 else 1
+        rows.append({"name": name, "n": int(len(x)), "dim": dim, "task": task,
                      "seconds": time.perf_counter() - start,
                      "scores": {m: r.score for m, r in results.items()},
                      "details": {m: _details(r) for m, r in results.items()}})
     _print_table(rows, metrics)
     if args.json:
-        write_json(args.json, {"hubtune": __version__, "metrics": metrics, "rows": rows})
+        write_json(args.json, {"hubtune": __version__, "metrics": metrics, "task": task,
+                               "left_out": notes, "rows": rows})
         print(f"wrote {args.json}")
     return 0
 
@@ -99,14 +143,21 @@ def add_parser(sub, lazy: bool = False) -> None:
                     "scores the embedded default (scikit-learn's digits under three feature extractors). "
                     f"Estimators: {', '.join(names)}. logme and hscore read features; leep reads source-"
                     "model probabilities (use --softmax for logits); nce reads source-class ids or the "
-                    "argmax of probabilities/logits.")
+                    "argmax of probabilities/logits. Files are read in blocks (.npy and uncompressed .npz "
+                    "memory-mapped, compressed .npz decompressed as a stream), so memory stays bounded "
+                    "whatever their size. Without --regression/--multilabel the task is decided from the "
+                    "labels (integral values: classes).")
     sc.add_argument("features", nargs="?", help="features (n, D), probabilities (n, Z) or source ids (n,)")
     sc.add_argument("labels", nargs="?", help="target labels (n,) or targets (n, C); optional for .npz/.pt "
                                               "files that hold 'labels'")
     sc.add_argument("--metric", action="append", choices=names,
                     help=f"repeatable; default: {' '.join(DEFAULT_METRICS)}")
-    sc.add_argument("--regression", action="store_true", help="LogME: targets are continuous")
-    sc.add_argument("--multilabel", action="store_true", help="LogME: targets are multi-hot (n, C)")
+    sc.add_argument("--regression", action="store_true",
+                    help="targets are continuous (n,) or (n, C); the default metrics become those that can "
+                         "score them (logme)")
+    sc.add_argument("--multilabel", action="store_true",
+                    help="targets are multi-hot (n, C); the default metrics become those that can score them "
+                         "(logme)")
     sc.add_argument("--softmax", action="store_true", help="LEEP: FEATURES are logits, apply softmax")
     sc.add_argument("--features-key", help="array name inside an .npz/.pt (default: 'features')")
     sc.add_argument("--labels-key", help="array name inside an .npz/.pt (default: 'labels')")

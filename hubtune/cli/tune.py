@@ -6,7 +6,10 @@ from ..errors import InputError
 # CLI option -> tune() setting; every one may also be set in --config FILE.yaml (the command line wins).
 TUNE_OPTIONS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
                 "num_classes", "epochs", "batch_size", "lr", "max_samples", "data_dir", "out", "resume",
-                "device", "precision", "optimizer", "seed")
+                "overwrite", "device", "precision", "optimizer", "seed")
+# CLI option -> hubtune.data.augment.AugmentConfig option
+AUGMENT_OPTIONS = {"auto_augment": "auto_augment", "mixup": "mixup", "cutmix": "cutmix",
+                   "smoothing": "label_smoothing"}
 
 
 def _registered_methods() -> list[str]:
@@ -43,6 +46,22 @@ def _cmd_tune(args) -> int:
 
             margs[name.replace("-", "_")] = yaml.safe_load(value)
         cfg["method_args"] = margs
+    aug = cfg.get("augment")
+    if args.no_augment:
+        aug = False
+    opts = {dst: getattr(args, src) for src, dst in AUGMENT_OPTIONS.items() if getattr(args, src) is not None}
+    if opts:
+        if aug is False:
+            raise InputError(f"--no-augment (or 'augment: false') contradicts "
+                             f"{', '.join('--' + k.replace('_', '-') for k in AUGMENT_OPTIONS if getattr(args, k) is not None)}; "
+                             "drop one")
+        aug = dict(aug if isinstance(aug, dict) else {}, **opts)
+    if aug is not None:
+        cfg["augment"] = aug
+    if args.quiet:
+        cfg["verbose"] = False
+    elif "verbose" not in cfg:
+        cfg["verbose"] = True
     if not cfg.get("method"):
         raise InputError(f"--method is required (or 'method:' in --config); choose one of: "
                          f"{', '.join(_registered_methods())}")
@@ -53,8 +72,10 @@ def _cmd_tune(args) -> int:
     report = tune(method, config=cfg, train=train)
     final = report.get("final", {})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and k != "seconds")
-    print(f"tuned {report.get('model')} with {report['method']} for {len(report.get('history', []))} epochs: {shown}")
-    print(f"wrote {cfg['out']}/model.safetensors, config.json, report.json, metrics.jsonl, checkpoint.pt")
+    if not args.quiet:
+        print(f"tuned {report.get('model')} with {report['method']} for {len(report.get('history', []))} epochs: {shown}")
+    if not args.quiet:
+        print(f"wrote {cfg['out']}/model.safetensors, config.json, report.json, metrics.jsonl, checkpoint.pt")
     return 0
 
 
@@ -76,23 +97,42 @@ def add_parser(sub, lazy: bool = False) -> None:
                     help="zootuning/hubpathway: the models, comma-separated (instead of --ranking)")
     tu.add_argument("--ranking", help="a `hubtune rank --out` folder: tune its best model (btuning: its top-K "
                                       "are the teachers; zootuning/hubpathway: its top-K are the models)")
-    tu.add_argument("--top-k", type=int, help="with --ranking: the top K (kd: the best is tuned, the next are "
-                                              "teachers; btuning/zootuning/hubpathway: default 2)")
-    tu.add_argument("--teacher", help="teacher spec, for distillation methods")
+    tu.add_argument("--top-k", type=int, help="with --ranking: the top K (btuning/zootuning/hubpathway: default 2)")
+    tu.add_argument("--teacher", help="kd: the teacher, a model tuned on this dataset (local-dir:PATH); with "
+                                      "--ranking and no --teacher, the ranking's top-1 is fine-tuned into OUT/teacher "
+                                      "first (reused when complete) and the student is --model or the best-ranked "
+                                      "other model (within --method-arg max_student_params=N)")
     tu.add_argument("--dataset", help="registered dataset name or imagefolder:PATH (train split trains)")
     tu.add_argument("--target-dataset", help="dann/cdan: the target domain's dataset")
-    tu.add_argument("--eval-dataset", help="evaluate on this dataset's test split instead")
+    tu.add_argument("--eval-dataset", help="evaluate on this dataset's test split instead (an image folder: the whole "
+                                           "folder; without it an --dataset image folder holds out a seeded "
+                                           "stratified 20%% for evaluation)")
     tu.add_argument("--num-classes", type=int, help="default: the dataset's number of classes")
     tu.add_argument("--epochs", type=int)
     tu.add_argument("--batch-size", type=int)
     tu.add_argument("--lr", type=float)
     tu.add_argument("--optimizer", help="sgd or adamw")
-    tu.add_argument("--seed", type=int)
-    tu.add_argument("--max-samples", type=int, help="stratified subsample of each split to this many images")
+    tu.add_argument("--seed", type=int, help="seeds everything random: new heads, data order, augmentation (default 0)")
+    tu.add_argument("--max-samples", type=int,
+                    help="stratified subsample of the training set to this many images (>= 1; evaluation uses "
+                         "the whole evaluation set)")
     tu.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
     tu.add_argument("--out", help="output folder")
     tu.add_argument("--config", help="YAML file of settings (the command line overrides it)")
     tu.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
+    tu.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace the run in OUT (only hubtune's files: checkpoint.pt, model.safetensors, "
+                         "config.json, report.json, metrics.jsonl); without it (or --resume) a folder that holds "
+                         "a run is refused")
+    tu.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (metrics.jsonl has them)")
+    tu.add_argument("--no-augment", action="store_true",
+                    help="train on the evaluation transform (default: timm's training transform from the model's "
+                         "data config: random resized crop, flip, colour jitter; seeded per sample and epoch)")
+    tu.add_argument("--auto-augment", metavar="POLICY",
+                    help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w3")
+    tu.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup Beta alpha (timm recipes: 0.8; 0 = off)")
+    tu.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix Beta alpha (timm recipes: 1.0; 0 = off)")
+    tu.add_argument("--smoothing", type=float, help="label smoothing (timm recipes: 0.1)")
     tu.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
     tu.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     tu.add_argument("--method-arg", action="append", metavar="NAME=VALUE",

@@ -12,6 +12,7 @@ import hashlib
 import operator
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -153,9 +154,16 @@ class FileDataset(ImageDataset):
     def _load(self, i: int) -> Image.Image:
         path = self.root / self.files[i]
         try:
-            with Image.open(path) as im:
-                im.load()
-                return to_pil(im)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    im.load()
+                    return to_pil(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(
+                f"{path} is too large to decode safely ({' '.join(str(e).split())[:200]}); it may be a "
+                f"decompression bomb. Cure: shrink the image (or remove it), or, if you trust it, raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) before loading") from None
         except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise InputError(f"{path} is not a readable image ({e}); repair or remove the file") from e
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import pickle
 from pathlib import Path
 
@@ -248,6 +249,39 @@ def cifar100(arg=None, split="train", data_dir=None, download=False) -> ImageDat
 
 
 # -- image folders --------------------------------------------------------------------------------------------
+def _class_files(root: Path, c: str, outside: list[str]) -> list[str]:
+    """Image files under ``root/c`` (paths relative to ``root``, sorted). Links are followed only while they
+    resolve inside the class folder (its real path); a link leading anywhere else (``..``, another class, a
+    folder elsewhere) is not followed and its path is appended to ``outside``. Each real folder is visited
+    once, so a link loop ends."""
+    base = os.path.realpath(root / c)
+    seen, found, stack = set(), [], [root / c]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            items = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in items:
+            if e.name.startswith("."):
+                continue
+            path = Path(folder) / e.name
+            if e.is_symlink():
+                target = os.path.realpath(path)
+                if os.path.commonpath([base, target]) != base:
+                    outside.append(os.path.relpath(path, root))
+                    continue
+            if e.is_dir():
+                stack.append(path)
+            elif e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS):
+                found.append(os.path.relpath(path, root))
+    return sorted(found)
+
+
 @register_dataset("imagefolder")
 def imagefolder(arg=None, split="train", data_dir=None, download=False) -> ImageDataset:
     """``imagefolder:PATH``: one subfolder per class, image files anywhere below it (torchvision's
@@ -263,17 +297,17 @@ def imagefolder(arg=None, split="train", data_dir=None, download=False) -> Image
             "folder holding one subfolder of images per class"
         )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    files, labels = [], []
+    files, labels, outside = [], [], []
     for label, c in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for fn in filenames:
-                if not fn.startswith(".") and fn.lower().endswith(IMG_EXTENSIONS):
-                    found.append(os.path.relpath(os.path.join(dirpath, fn), root))
-        found.sort()
+        found = _class_files(root, c, outside)
         files += found
         labels += [label] * len(found)
+    if outside:
+        warnings.warn(
+            f"image folder {str(root)!r}: skipped {len(outside)} link(s) that lead out of their class folder "
+            f"(they would put other images under the wrong label): {', '.join(outside[:5])}"
+            + (f", ... ({len(outside) - 5} more)" if len(outside) > 5 else "")
+            + "; copy the images into the class folder, or link to a place inside it", stacklevel=3)
     if not files:
         raise EmptyInputError(
             f"image folder {str(root)!r} has no images in class subfolders "

@@ -1,6 +1,6 @@
-"""Feature extraction with an on-disk, content-keyed cache."""
-from .cache import CacheEntry, FeatureCache, default_cache_dir
-from .extractor import ExtractOptions, ExtractStats, bf16_supported, extract
+"""Feature extraction with an on-disk, content-keyed, verified cache."""
+from .cache import CacheDamageWarning, CacheEntry, FeatureCache, default_cache_dir
+from .extractor import CandidateFailed, ExtractOptions, ExtractStats, bf16_supported, extract
 
-__all__ = ["CacheEntry", "FeatureCache", "default_cache_dir", "ExtractOptions", "ExtractStats",
-           "bf16_supported", "extract"]
+__all__ = ["CacheEntry", "FeatureCache", "CacheDamageWarning", "default_cache_dir", "ExtractOptions",
+           "ExtractStats", "CandidateFailed", "bf16_supported", "extract"]

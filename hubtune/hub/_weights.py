@@ -64,22 +64,32 @@ def hf_file(spec: str, repo_id: str, filenames: list[str], revision: str | None 
             f"{spec}: {what} not available offline: looked for {tried} in the Hugging Face cache {cache} "
             f"and HF_HUB_OFFLINE is set. {cure_text()}"
         )
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=str(cache)))
-        except EntryNotFoundError:
-            continue
-        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise ModelNotFoundError(
-                f"{spec}: the Hugging Face Hub has no repository {repo_id!r}"
-                + (f" at revision {revision!r}" if revision else "")
-                + f" ({type(e).__name__}); check the spelling, or log in (hf auth login) if it is private"
-            ) from None
-        except Exception as e:  # connection errors, timeouts, HTTP 5xx
-            raise WeightsNotAvailableError(
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, cache_dir=str(cache)))
+        except Exception as e:
+            # a failed connection raises LocalEntryNotFoundError, a subclass of EntryNotFoundError: test it first,
+            # so "could not reach the Hub" is never reported as "the repository lacks the file"
+            if is_network_error(e):
+                raise WeightsNotAvailableError(
+                    f"{spec}: could not reach the Hugging Face Hub to fetch {filename} of {repo_id} (the network is "
+                    f"unreachable: {type(e).__name__}: {' '.join(str(e).split())[:200]}), and it is not in the "
+                    f"Hugging Face cache {cache}; this does not mean the repository lacks the file. Cure: connect "
+                    "to the network and run again, set HF_HUB_OFFLINE=1 to work from the cache only, or use "
+                    "local-dir:PATH or file:PATH::ARCH with a local copy"
+                ) from None
+            if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
+                raise ModelNotFoundError(
+                    f"{spec}: the Hugging Face Hub has no repository {repo_id!r}"
+                    + (f" at revision {revision!r}" if revision else "")
+                    + f" ({type(e).__name__}); check the spelling, or log in (hf auth login) if it is private"
+                ) from None
+            if isinstance(e, EntryNotFoundError):
+                continue
+            raise WeightsNotAvailableError(  # HTTP 5xx and the like
                 f"{spec}: could not fetch {filename} of {repo_id} ({type(e).__name__}: {e}); "
                 f"looked in the Hugging Face cache {cache} first. {cure_text()}"
             ) from None
@@ -87,6 +97,67 @@ def hf_file(spec: str, repo_id: str, filenames: list[str], revision: str | None 
         f"{spec}: the repository {repo_id} has none of {', '.join(filenames)}; a timm-format repo holds "
         "config.json and model.safetensors (or pytorch_model.bin)"
     )
+
+
+def is_network_error(e: BaseException) -> bool:
+    """True when ``e`` says the Hub (or any host) could not be reached, rather than that a file is absent."""
+    import socket
+    import urllib.error
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(e, (LocalEntryNotFoundError, ConnectionError, TimeoutError, socket.gaierror, socket.timeout)):
+        return True
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        return True
+    for cls in type(e).__mro__:  # httpx(2) / requests transport errors, without importing them
+        root, name = cls.__module__.split(".")[0], cls.__name__
+        if (root in ("httpx", "httpx2") and name in ("TransportError", "TimeoutException")) or \
+                (root == "requests" and name in ("ConnectionError", "Timeout")):
+            return True
+    return False
+
+
+def check_weights_file(path: str | os.PathLike, spec: str) -> None:
+    """Refuse an empty or truncated ``.safetensors`` file before it is loaded: the 8-byte header length, a
+    JSON header of that length, and data running to the end offset the header promises."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotAvailableError(f"{spec}: weights file {path} does not exist; give the path of a local file")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{spec}: the weights file {path} is empty; save or download it again")
+    if not (path.suffix == ".safetensors" or _is_safetensors(path)):
+        return
+    import json
+
+    def damaged(why: str) -> InputError:
+        return InputError(f"{spec}: {path} is not a whole safetensors file ({why}); it is truncated or damaged: "
+                          "save or download it again")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise damaged(f"the header claims {n} bytes but the file holds {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise damaged(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        offs = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise damaged(f"tensor {name!r} has no valid data_offsets")
+        end = max(end, offs[1])
+    if 8 + n + end > size:
+        raise damaged(f"the tensors need {8 + n + end} bytes but the file holds {size}")
 
 
 def load_state_dict(path: str | os.PathLike, spec: str) -> dict[str, torch.Tensor]:
@@ -98,10 +169,16 @@ def load_state_dict(path: str | os.PathLike, spec: str) -> dict[str, torch.Tenso
     path = Path(path)
     if not path.is_file():
         raise WeightsNotAvailableError(f"{spec}: weights file {path} does not exist; give the path of a local file")
+    check_weights_file(path, spec)
     if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError and friends: a damaged file
+            raise InputError(f"{spec}: {path} could not be read as safetensors ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}); it is truncated or damaged: save or download "
+                             "it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -61,17 +61,44 @@ def data_config_of(module: torch.nn.Module) -> dict:
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in _DATA_KEYS if k in cfg}
 
 
+#: bounds on what a config.json may ask for, checked before anything is allocated
+MAX_CLASSES = 1_000_000
+MAX_SIDE = 4096
+MAX_PARAMS = 10_000_000_000
+
+
 def build(arch: str, spec: str, device: str | None = None, **kwargs) -> torch.nn.Module:
-    """``timm.create_model(arch, pretrained=False, **kwargs)``, on the meta device when ``device='meta'``."""
+    """``timm.create_model(arch, pretrained=False, **kwargs)``, on the meta device when ``device='meta'``.
+
+    A real build is preceded by a meta build (no memory) whose parameter count must stay under
+    ``MAX_PARAMS``, so a config that asks for an absurd model is refused before anything is allocated.
+    Arguments timm refuses raise :class:`SpecError` naming the spec."""
     check_arch(arch.split(".")[0], spec)
     timm = _timm()
-    if device == "meta":
-        try:
-            with torch.device("meta"):
-                return timm.create_model(arch, pretrained=False, **kwargs)
-        except Exception:  # a model whose __init__ needs real values; fall back to a CPU build
-            pass
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    meta = None
+    try:
+        with torch.device("meta"):
+            meta = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception:  # a model whose __init__ needs real values; fall back to a CPU build
+        meta = None
+    if meta is not None:
+        n = count_params(meta)
+        if n > MAX_PARAMS:
+            raise SpecError(f"{spec}: {arch} with {_show_kwargs(kwargs)} would have {n:,} parameters (more than "
+                            f"{MAX_PARAMS:,}); its config.json asks for an absurd size: fix num_classes / model_args")
+        if device == "meta":
+            return meta
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise SpecError(f"{spec}: timm could not build {arch} with {_show_kwargs(kwargs)} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); fix the model arguments "
+                        "(config.json: num_classes, model_args, pretrained_cfg)") from None
+
+
+def _show_kwargs(kwargs: dict) -> str:
+    shown = {k: v for k, v in kwargs.items() if k != "pretrained_cfg"}
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items())[:300] or "its defaults"
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -104,12 +131,27 @@ def infer_num_classes(arch: str, sd: dict, spec: str) -> int:
 
 
 def read_timm_config(path: Path, spec: str) -> tuple[str, dict, dict]:
-    """(architecture, create_model kwargs, pretrained_cfg) from a timm ``config.json``."""
+    """(architecture, create_model kwargs, pretrained_cfg) from a timm ``config.json``.
+
+    Every value that sizes something is checked here, before a model is built: ``num_classes`` (an integer
+    in 0..MAX_CLASSES), ``input_size`` (3 positive integers, sides up to MAX_SIDE), ``mean``/``std`` (3
+    finite numbers, std > 0), ``crop_pct`` (a number in (0, 4]); ``pretrained_cfg`` and ``model_args`` must be
+    objects. A bad value raises :class:`SpecError` naming the spec, the file and the value."""
     try:
         cfg = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SpecError(f"{spec}: cannot read {path} as JSON ({e}); it must be timm's config.json") from None
-    pcfg = dict(cfg.get("pretrained_cfg") or {})
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{spec}: {path} holds a JSON {type(cfg).__name__}, not an object; timm's config.json is "
+                        "an object with 'architecture', 'num_classes' and 'pretrained_cfg'")
+
+    def bad(what: str) -> SpecError:
+        return SpecError(f"{spec}: {path}: {what}; fix config.json (or save the model again with timm)")
+
+    pcfg = cfg.get("pretrained_cfg") or {}
+    if not isinstance(pcfg, dict):
+        raise bad(f"'pretrained_cfg' is a {type(pcfg).__name__}, not an object")
+    pcfg = dict(pcfg)
     arch = cfg.get("architecture") or pcfg.get("architecture")
     if not arch:
         hint = ""
@@ -117,12 +159,57 @@ def read_timm_config(path: Path, spec: str) -> tuple[str, dict, dict]:
             hint = (" It looks like a transformers config; hubtune loads timm-format repos only and never runs "
                     "remote code (trust_remote_code applies to sources that support it).")
         raise SpecError(f"{spec}: {path} names no 'architecture', so it is not a timm config.json.{hint}")
-    kwargs = dict(cfg.get("model_args") or {})
+    if not isinstance(arch, str):
+        raise bad(f"'architecture' is {arch!r}, not a name")
+    margs = cfg.get("model_args") or {}
+    if not isinstance(margs, dict):
+        raise bad(f"'model_args' is a {type(margs).__name__}, not an object")
+    kwargs = dict(margs)
+    for where, holder in (("num_classes", cfg), ("model_args.num_classes", margs), ("pretrained_cfg.num_classes", pcfg)):
+        key = where.rpartition(".")[2]
+        if key in holder:
+            v = holder[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CLASSES:
+                raise bad(f"{where}={v!r} must be an integer in 0..{MAX_CLASSES}")
     if "num_classes" in cfg:
         kwargs["num_classes"] = int(cfg["num_classes"])
     if "global_pool" in cfg:
+        if not isinstance(cfg["global_pool"], str):
+            raise bad(f"global_pool={cfg['global_pool']!r} must be a string such as 'avg'")
         kwargs["global_pool"] = cfg["global_pool"]
+    _check_data_keys(pcfg, bad)
     return arch, kwargs, pcfg
+
+
+def _check_data_keys(pcfg: dict, bad) -> None:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    for key in ("input_size", "test_input_size", "min_input_size"):
+        if key in pcfg and pcfg[key] is not None:
+            v = pcfg[key]
+            ok = (isinstance(v, (list, tuple)) and len(v) == 3
+                  and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+                  and v[0] <= 4 and v[1] <= MAX_SIDE and v[2] <= MAX_SIDE)
+            if not ok:
+                raise bad(f"pretrained_cfg.{key}={v!r} must be 3 positive integers [channels, height, width] "
+                          f"with at most 4 channels and sides up to {MAX_SIDE}")
+    for key in ("mean", "std"):
+        if key in pcfg and pcfg[key] is not None:
+            v = pcfg[key]
+            ok = isinstance(v, (list, tuple)) and 1 <= len(v) <= 4 and all(number(x) for x in v)
+            if ok and key == "std":
+                ok = all(x > 0 for x in v)
+            if not ok:
+                raise bad(f"pretrained_cfg.{key}={v!r} must be a list of finite numbers, one per channel"
+                          + (", each > 0" if key == "std" else ""))
+    if "crop_pct" in pcfg and pcfg["crop_pct"] is not None:
+        v = pcfg["crop_pct"]
+        if not (number(v) and 0 < v <= 4):
+            raise bad(f"pretrained_cfg.crop_pct={v!r} must be a number in (0, 4]")
+    for key in ("interpolation", "crop_mode"):
+        if key in pcfg and pcfg[key] is not None and not isinstance(pcfg[key], str):
+            raise bad(f"pretrained_cfg.{key}={pcfg[key]!r} must be a string")
 
 
 def _from_config(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path | None, where: str) -> Loaded:
@@ -202,8 +289,9 @@ class TimmSource:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.hub.download_url_to_file(url, str(path), progress=False)
             except Exception as e:
+                why = "could not reach the network to download" if W.is_network_error(e) else "could not download"
                 raise WeightsNotAvailableError(
-                    f"{spec}: could not download {url} ({type(e).__name__}: {e}); looked in {path} first. "
+                    f"{spec}: {why} {url} ({type(e).__name__}: {e}); looked in {path} first. "
                     f"{W.cure_text()}") from None
             return path, where
         raise WeightsNotAvailableError(
@@ -216,11 +304,19 @@ class TimmSource:
         if not pretrained:
             return _from_config(str(spec), spec.name, {}, {}, None, "")
         path, _ = cls.locate(spec, download=True)
-        module = _timm().create_model(spec.name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        W.check_weights_file(path, str(spec))
+        try:
+            module = _timm().create_model(spec.name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        except Exception as e:  # a damaged or foreign file in the cache
+            raise SpecError(f"{spec}: timm could not load the weights {path} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); the file is damaged or truncated: delete it from "
+                            "the cache and fetch it again") from None
         return Loaded(module.eval(), data_config_of(module), W.file_sha256(path), str(path))
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
+        if "." in spec.name:
+            cls.pretrained_cfg(spec)  # an unknown tag: ModelNotFoundError naming it and the known tags
         out = _meta_info(str(spec), spec.name, {}, {})
         try:
             path, where = cls.locate(spec, download=False)

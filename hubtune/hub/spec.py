@@ -19,6 +19,7 @@ spec                                   meaning
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -97,6 +98,14 @@ class ModelSpec:
         if not _TIMM_NAME.match(name):
             raise SpecError(f"bad spec {text!r}: not a timm model name; use {_GRAMMAR}")
         return cls("timm", name)
+
+    def resolved(self) -> "ModelSpec":
+        """The same spec with a ``local-dir:``/``file:`` path made absolute (``~`` expanded, ``..`` folded,
+        links kept), so it names the same model from any working directory; other kinds are returned as is."""
+        if self.kind not in ("local-dir", "file"):
+            return self
+        return ModelSpec(self.kind, os.path.abspath(os.path.expanduser(self.name)), arch=self.arch,
+                         revision=self.revision)
 
     def __str__(self) -> str:
         if self.kind == "timm":

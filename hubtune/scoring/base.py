@@ -60,6 +60,8 @@ class Accumulator:
     #: what the first argument of ``update`` is: "features", "probs" (source-class probabilities)
     #: or "source_labels" (source-class ids or probabilities whose argmax is taken)
     input_kind: ClassVar[str] = "features"
+    #: the target kinds it can score: "classification", "regression", "multilabel"
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def update(self, x, labels) -> "Accumulator":
         raise NotImplementedError
@@ -116,9 +118,18 @@ def check_matrix(x, what: str = "features") -> np.ndarray:
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad_rows = int((~finite.reshape(len(x), -1).all(axis=1)).sum())
+    """Raise NonFiniteError (with the count of bad rows) on NaN/Inf; checks in row blocks, so the boolean
+    temporary is one block, not the whole array."""
+    if len(x) == 0:
+        return
+    flat = x.reshape(len(x), -1)
+    rows = max(1, (1 << 22) // max(flat.shape[1], 1))
+    bad_rows = 0
+    for sl in row_blocks(len(flat), rows):
+        finite = np.isfinite(flat[sl])
+        if not finite.all():
+            bad_rows += int((~finite.all(axis=1)).sum())
+    if bad_rows:
         raise NonFiniteError(
             f"{what} contain NaN or Inf in {bad_rows} of {len(x)} rows; drop or impute those rows "
             "(e.g. x[np.isfinite(x).all(axis=1)]) before scoring"
@@ -154,6 +165,38 @@ def check_class_labels(labels, n_x: int, what: str = "features") -> np.ndarray:
     elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
         raise InputError(f"class labels must be integers, got dtype {y.dtype}")
     return y.astype(np.int64, copy=False)
+
+
+def target_type(labels) -> str:
+    """The kind of target ``labels`` hold, decided from the values as scikit-learn's ``type_of_target`` does:
+
+    - "classification": 1-D (or (n, 1)) integers, booleans, or floats that are all integral (``1.0, 2.0``),
+      whether NumPy or torch;
+    - "multilabel": 2-D with more than one column, integral, holding at most two distinct values;
+    - "regression": anything else numeric (floats with a fractional part, 2-D integral with more values).
+    """
+    y = to_numpy(labels, "labels")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    kind = y.dtype.kind
+    if kind not in "biuf":
+        raise InputError(f"labels must be numeric, got dtype {y.dtype}")
+    integral = kind in "biu" or _integral_floats(y)
+    if y.ndim == 1:
+        return "classification" if integral else "regression"
+    if y.ndim == 2 and integral and len(np.unique(y)) <= 2:
+        return "multilabel"
+    return "regression"
+
+
+def _integral_floats(y: np.ndarray) -> bool:
+    if y.size == 0:
+        return True
+    for sl in row_blocks(len(y), max(1, (1 << 22) // max(y[:1].size, 1))):
+        b = y[sl]
+        if not (np.isfinite(b).all() and np.all(b == np.round(b))):
+            return False
+    return True
 
 
 def require_classes(n_classes: int, what: str) -> None:

@@ -6,10 +6,12 @@ With θ(xᵢ) the source model's class probabilities (n × Z) and yᵢ the targe
     LEEP    = (1/n) Σᵢ log Σ_z P̂(yᵢ | z) θ_z(xᵢ)
 
 The score needs the full joint before any per-sample term can be computed, so it takes two passes over
-θ. Memory stays bounded: ``update`` adds each chunk to the joint (Z × C) and appends θ (float32, or
-float64 when given float64) with its labels to anonymous temporary files (deleted with the accumulator);
-``result`` makes the second pass over them in blocks of ``block_rows``. RAM is O(Z·C + block_rows·Z)
-whatever n is; disk is 4·Z (or 8·Z) bytes per sample.
+θ. Memory stays bounded: ``update`` checks and adds each chunk to the joint (Z × C) in row blocks (each
+widened to float64 on its own, never the whole chunk) and appends θ (float32, or float64 when given
+float64) with its labels to anonymous temporary files (deleted with the accumulator); ``result`` makes the
+second pass over them in blocks. A block is ``block_rows`` rows (default: about 4M numbers, 32 MiB in
+float64, whatever Z is). RAM beyond the caller's chunk is O(Z·C + block_rows·Z) whatever n is; disk is
+4·Z (or 8·Z) bytes per sample.
 """
 from __future__ import annotations
 
@@ -22,7 +24,16 @@ from ..errors import EmptyInputError, ProbabilityError, ShapeError
 from .base import (
     Accumulator, ScoreResult, check_class_labels, check_matrix, register_estimator, require_classes,
 )
-from .gram import add_keyed, one_hot
+from .base import row_blocks
+from .gram import add_keyed, block_rows
+
+
+def _class_sums(block: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes present, per-class row sums in float64 (n_classes, Z)), by a sort and ``np.add.reduceat``:
+    no (rows × C) one-hot matrix."""
+    order = np.argsort(labels, kind="stable")
+    classes, starts = np.unique(labels[order], return_index=True)
+    return classes, np.add.reduceat(block[order].astype(np.float64), starts, axis=0)
 
 #: a row of probabilities may deviate this much from summing to one (float32 softmax: ~1e-6)
 SUM_TOL = 1e-3
@@ -39,15 +50,20 @@ def softmax(logits) -> np.ndarray:
 
 def check_probabilities(p) -> np.ndarray:
     p = check_matrix(p, "source probabilities")
-    if (p < 0).any():
+    rows = block_rows(p.shape[1])
+    negative = not_one = 0
+    for sl in row_blocks(len(p), rows):  # temporaries of one block, not of the whole array
+        b = p[sl]
+        negative += int((b < 0).any(axis=1).sum())
+        not_one += int((np.abs(b.sum(axis=1, dtype=np.float64) - 1.0) > SUM_TOL).sum())
+    if negative:
         raise ProbabilityError(
-            f"source probabilities hold {int((p < 0).any(axis=1).sum())} rows with negative entries; pass "
+            f"source probabilities hold {negative} rows with negative entries; pass "
             "softmax(logits), not logits (hubtune score --softmax does it for you)"
         )
-    bad = np.abs(p.sum(axis=1, dtype=np.float64) - 1.0) > SUM_TOL
-    if bad.any():
+    if not_one:
         raise ProbabilityError(
-            f"{int(bad.sum())} of {len(p)} rows of source probabilities do not sum to one (tolerance "
+            f"{not_one} of {len(p)} rows of source probabilities do not sum to one (tolerance "
             f"{SUM_TOL}); pass softmax(logits) over the source classes"
         )
     return p
@@ -89,8 +105,8 @@ class LEEP(Accumulator):
 
     input_kind = "probs"
 
-    def __init__(self, block_rows: int = 65536):
-        self.block_rows = int(block_rows)
+    def __init__(self, block_rows: int | None = None):
+        self.block_rows = None if block_rows is None else int(block_rows)
         self.n = 0
         self.width: int | None = None
         self.classes = np.zeros(0, dtype=np.int64)
@@ -109,17 +125,20 @@ class LEEP(Accumulator):
                 f"source probabilities have {p.shape[1]} classes but earlier chunks had {self.width}; "
                 "feed chunks from the same source model"
             )
-        p = p.astype(self._rows.dtype, copy=False)  # the joint sees exactly the stored values
-        classes, onehot = one_hot(y)
-        self.classes, (self.joint,) = add_keyed(
-            self.classes, (self.joint,), classes, (p.T.astype(np.float64) @ onehot,))
-        self._rows.append(p, y)
-        self.n += len(p)
+        for sl in row_blocks(len(p), self._block()):
+            b = np.asarray(p[sl], dtype=self._rows.dtype)  # the joint sees exactly the stored values
+            classes, sums = _class_sums(b, y[sl])
+            self.classes, (self.joint,) = add_keyed(self.classes, (self.joint,), classes, (sums.T,))
+            self._rows.append(b, y[sl])
+            self.n += len(b)
         return self
+
+    def _block(self) -> int:
+        return self.block_rows or block_rows(self.width or 1)
 
     def merge(self, other: "LEEP") -> "LEEP":
         self._check_merge(other)
-        for probs, labels in (other._rows.blocks(self.block_rows) if other.n else ()):
+        for probs, labels in (other._rows.blocks(other._block()) if other.n else ()):
             self.update(probs, labels)
         return self
 
@@ -130,7 +149,7 @@ class LEEP(Accumulator):
         mass = self.joint.sum(axis=1, keepdims=True)  # n·P̂(z)
         cond = np.divide(self.joint, mass, out=np.zeros_like(self.joint), where=mass > 0)  # P̂(y|z)
         total = 0.0
-        for probs, labels in self._rows.blocks(self.block_rows):
+        for probs, labels in self._rows.blocks(self._block()):
             col = np.searchsorted(self.classes, labels)
             expected = np.einsum("iz,zi->i", probs.astype(np.float64), cond[:, col])
             total += np.log(expected).sum()
@@ -138,13 +157,13 @@ class LEEP(Accumulator):
                           source_classes=int(self.width))
 
     def state_dict(self) -> dict:
-        blocks = list(self._rows.blocks(self.block_rows)) if self.n else []
-        return {"estimator": "leep", "block_rows": self.block_rows, "width": self.width,
+        blocks = list(self._rows.blocks(self._block())) if self.n else []
+        return {"estimator": "leep", "block_rows": self.block_rows or 0, "width": self.width,
                 "probs": np.concatenate([b[0] for b in blocks]) if blocks else np.zeros((0, 0), np.float32),
                 "labels": np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int64)}
 
     def load_state_dict(self, state: dict) -> "LEEP":
-        self.__init__(block_rows=int(state["block_rows"]))
+        self.__init__(block_rows=int(state["block_rows"]) or None)
         if len(state["labels"]):
             self.update(state["probs"], state["labels"])
         return self

@@ -22,7 +22,7 @@ from ..errors import EmptyInputError, InputError, ShapeError
 from ._fixed_point import fixed_point, resolve_backend
 from .base import (
     Accumulator, ScoreResult, check_class_labels, check_finite, check_lengths, check_matrix,
-    register_estimator, require_classes, to_numpy,
+    register_estimator, require_classes, target_type, to_numpy,
 )
 from .gram import Moments, float64_blocks, one_hot
 
@@ -33,6 +33,9 @@ TASKS = ("auto", "classification", "regression", "multilabel")
 class LogMEResult(ScoreResult):
     """``score`` is the mean of ``evidence`` over target columns.
 
+    task: as the caller passed it ("auto" by default); task_: the task actually scored ("classification",
+    "regression" or "multilabel").
+
     columns: the class ids (classification) or column indices (regression, multi-label), in order.
     evidence, alpha, beta, t (= α/β at which ``weights`` was computed), iterations: per column.
     weights: posterior mean m, shape (C, D); ``features @ weights.T`` predicts the targets.
@@ -41,6 +44,7 @@ class LogMEResult(ScoreResult):
     """
 
     task: str
+    task_: str
     dim: int
     form: str
     columns: np.ndarray
@@ -56,15 +60,19 @@ class LogMEResult(ScoreResult):
 
 @register_estimator("logme")
 class LogME(Accumulator):
-    """Streaming LogME. ``task`` is "classification" (integer labels), "regression" (float targets,
-    (n,) or (n, C)), "multilabel" (multi-hot (n, C), scored as regression columns) or "auto" (integer
-    1-D → classification, integer/bool 2-D → multilabel, float → regression).
+    """Streaming LogME. ``task`` is "classification" (class ids), "regression" (continuous targets, (n,) or
+    (n, C)), "multilabel" (multi-hot (n, C), scored as regression columns) or "auto": decided from the
+    values of the first chunk as scikit-learn's ``type_of_target`` does (1-D integers, booleans or integral
+    floats → classification, NumPy or torch alike; 2-D integral with two values → multilabel; floats with a
+    fractional part → regression). ``task`` is never changed; the task scored is ``task_`` (None before
+    the first ``update``). Integral float targets that are really continuous need ``task="regression"``.
 
     ``max_iter`` = 11 and ``tol`` = 1e-3 (stop at |Δt|/t ≤ tol) are the reference code's defaults;
     ``backend`` is "numpy", "numba" or "auto" (default: ``HUBTUNE_BACKEND``, else auto).
     """
 
     input_kind = "features"
+    tasks = ("classification", "regression", "multilabel")
 
     def __init__(self, task: str = "auto", max_iter: int = 11, tol: float = 1e-3, backend: str | None = None):
         if task not in TASKS:
@@ -75,6 +83,7 @@ class LogME(Accumulator):
             raise InputError(f"tol={tol!r} must be a positive number")
         resolve_backend(backend)  # fail now on a bad name, not after a long extraction
         self.task, self.max_iter, self.tol, self.backend = task, int(max_iter), float(tol), backend
+        self.task_: str | None = None if task == "auto" else task
         self.dim: int | None = None
         self.n = 0
         self._rows: list[np.ndarray] = []
@@ -82,38 +91,32 @@ class LogME(Accumulator):
         self._moments: Moments | None = None
 
     # ------------------------------------------------------------------------------------- targets
-    def _resolve_task(self, y: np.ndarray) -> str:
-        if self.task != "auto":
-            return self.task
-        integral = np.issubdtype(y.dtype, np.integer) or y.dtype == bool
-        if integral and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
-            return "classification"
-        return "multilabel" if integral else "regression"
-
-    def _check_targets(self, labels, n: int) -> np.ndarray:
+    def _check_targets(self, labels, n: int) -> tuple[np.ndarray, str]:
+        """(checked targets, task to score them as); changes no state."""
         y = to_numpy(labels, "labels")
-        self.task = self._resolve_task(y)
-        if self.task == "classification":
-            return check_class_labels(y, n)
+        task = self.task_ or target_type(y)
+        if task == "classification":
+            return check_class_labels(y, n), task
         if y.ndim == 1:
             y = y.reshape(-1, 1)
         if y.ndim != 2:
-            raise ShapeError(f"{self.task} targets must be (n,) or (n, C), got shape {y.shape}")
+            raise ShapeError(f"{task} targets must be (n,) or (n, C), got shape {y.shape}")
         check_lengths(n, y)
         y = y.astype(np.float64)
         check_finite(y, "targets")
-        if self.task == "multilabel" and not np.isin(y, (0.0, 1.0)).all():
-            raise InputError("multi-label targets must be multi-hot (0/1 in every column)")
+        if task == "multilabel" and not np.isin(y, (0.0, 1.0)).all():
+            raise InputError("multi-label targets must be multi-hot (0/1 in every column); for other "
+                             "continuous targets pass task='regression'")
         previous = self._targets[0] if self._targets else None
         width = previous.shape[1] if previous is not None else (
             len(self._moments.keys) if self._moments is not None else y.shape[1])
         if y.shape[1] != width:
             raise ShapeError(f"targets have {y.shape[1]} columns but earlier chunks had {width}")
-        return y
+        return y, task
 
     def _target_matrix(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Y (n, C) float64, column keys): one-hot of the classes present, or the targets as given."""
-        if self.task == "classification":
+        if self.task_ == "classification":
             classes, onehot = one_hot(y)
             return onehot, classes
         return y, np.arange(y.shape[1])
@@ -121,7 +124,7 @@ class LogME(Accumulator):
     # ------------------------------------------------------------------------------------- protocol
     def update(self, x, labels) -> "LogME":
         x = check_matrix(x, "features")
-        y = self._check_targets(labels, len(x))
+        y, task = self._check_targets(labels, len(x))
         if self.dim is None:
             self.dim = x.shape[1]
         elif x.shape[1] != self.dim:
@@ -129,6 +132,7 @@ class LogME(Accumulator):
                 f"features have {x.shape[1]} columns but earlier chunks had {self.dim}; feed chunks from "
                 "the same model"
             )
+        self.task_ = task
         if self._moments is None and self.n + len(x) <= self.dim:
             self._rows.append(np.array(x, dtype=np.float64))
             self._targets.append(y)
@@ -147,7 +151,7 @@ class LogME(Accumulator):
         self._rows, self._targets = [], []
 
     def _add_block(self, block: np.ndarray, y: np.ndarray) -> None:
-        if self.task == "classification":
+        if self.task_ == "classification":
             self._moments.add_labels(block, y)
         else:
             self._moments.add(block, y, np.arange(y.shape[1]))
@@ -158,9 +162,9 @@ class LogME(Accumulator):
             return self
         if self.n == 0:
             return self.load_state_dict(other.state_dict())
-        if other.task != self.task or other.dim != self.dim:
+        if other.task_ != self.task_ or other.dim != self.dim:
             raise InputError(
-                f"cannot merge LogME(task={other.task}, dim={other.dim}) into LogME(task={self.task}, "
+                f"cannot merge LogME(task_={other.task_}, dim={other.dim}) into LogME(task_={self.task_}, "
                 f"dim={self.dim}); merge shards of the same model and targets"
             )
         if self._moments is None and other._moments is None and self.n + other.n <= self.dim:
@@ -199,7 +203,8 @@ class LogME(Accumulator):
             fp = self._iterate(s, z * z, mom.sy2, dual=False)
             weights = (V @ (z / (np.maximum(s, 0)[:, None] + fp["t"][None, :]))).T
         return LogMEResult(
-            score=float(np.mean(fp["evidence"])), n=self.n, task=self.task, dim=self.dim, form=form,
+            score=float(np.mean(fp["evidence"])), n=self.n, task=self.task, task_=self.task_, dim=self.dim,
+            form=form,
             columns=keys.copy(), evidence=fp["evidence"], alpha=fp["alpha"], beta=fp["beta"], t=fp["t"],
             weights=weights, iterations=fp["iterations"], converged_columns=fp["converged"],
             converged=bool(fp["converged"].all()),
@@ -209,7 +214,7 @@ class LogME(Accumulator):
         return fixed_point(s, P, sy2, self.n, self.dim, dual, self.max_iter, self.tol, self.backend)
 
     def _check_columns(self, keys) -> None:
-        if self.task == "classification":
+        if self.task_ == "classification":
             require_classes(len(keys), "LogME classification")
 
     @staticmethod
@@ -219,8 +224,8 @@ class LogME(Accumulator):
 
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        state = {"estimator": "logme", "task": self.task, "max_iter": self.max_iter, "tol": self.tol,
-                 "dim": self.dim, "n": self.n}
+        state = {"estimator": "logme", "task": self.task, "task_": self.task_ or "", "max_iter": self.max_iter,
+                 "tol": self.tol, "dim": self.dim, "n": self.n}
         if self._moments is not None:
             state["moments"] = self._moments.state_dict()
         elif self._rows:
@@ -231,7 +236,9 @@ class LogME(Accumulator):
     def load_state_dict(self, state: dict) -> "LogME":
         if state.get("estimator") != "logme":
             raise InputError(f"not a LogME state (estimator={state.get('estimator')!r})")
-        self.task, self.max_iter, self.tol = state["task"], int(state["max_iter"]), float(state["tol"])
+        self.task, self.max_iter, self.tol = str(state["task"]), int(state["max_iter"]), float(state["tol"])
+        resolved = str(state.get("task_") or "")  # states saved before task_ existed hold the resolved task
+        self.task_ = resolved or (None if self.task == "auto" else self.task)
         self.dim = None if state["dim"] is None else int(state["dim"])
         self.n = int(state["n"])
         self._moments = Moments.from_state(state["moments"]) if "moments" in state else None

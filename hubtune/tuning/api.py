@@ -4,37 +4,59 @@ for your own training loop.
     >>> report = tune("finetune", model="resnet18", dataset="digits", epochs=3, out="runs/ft")
     >>> report = tune("dann", ranking="runs/rank", top_k=1, dataset="imagefolder:A", target_dataset="imagefolder:B",
     ...               epochs=5, out="runs/dann", config="tune.yaml", trade_off=0.5)
-    >>> method = make_transferable(my_timm_model, "cdan", num_classes=10)
+    >>> report = tune("kd", ranking="runs/rank", dataset="digits", epochs=5, out="runs/kd")  # teacher: top-1, tuned
+    >>> method = make_transferable(my_timm_model, "cdan", num_classes=10, seed=0)
     >>> terms = method.losses({"input": xs, "target": ys, "target_input": xt}); terms["total"].backward()
 
 Settings are resolved as ``TrainConfig`` defaults <- ``config`` (a dict or a YAML file) <- explicit arguments.
 A config may hold any :class:`~hubtune.tuning.engine.TrainConfig` field (``epochs``, ``batch_size``, ``lr``,
-``optimizer``, ...), any of ``tune``'s own arguments (``method``, ``model``, ``ranking``, ``top_k``,
-``teacher``, ``dataset``, ``target_dataset``, ``eval_dataset``, ``num_classes``, ``max_samples``,
-``data_dir``, ``out``, ``resume``) and ``method_args:`` (a mapping of the method's keyword arguments);
-any other key is an error that names it.
+``optimizer``, ``seed``, ...), any of ``tune``'s own arguments (:data:`TUNE_KEYS`) and ``method_args:`` (a
+mapping of the method's keyword arguments); any other key, and any method argument the method does not take,
+is an error that names it.
+
+**Reproducible.** ``seed`` (TrainConfig's) seeds Python's, NumPy's and torch's generators before the model is
+loaded and the method built, so new heads, feature matchers, discriminators and gates are drawn from it, as
+are the data order and the augmentation: the same call twice writes the same bytes.
+
+**Data.** Training: ``dataset``'s train split, at most ``max_samples`` images (a stratified subsample; the
+evaluation set is never subsampled). Evaluation: ``eval_dataset`` (its test split; an image folder: the whole
+folder) or the test split of ``dataset`` (``target_dataset`` for dann/cdan). An image folder has no splits, so
+when it is both the training and the evaluation set a seeded stratified :data:`EVAL_FRACTION` of it is held out
+for evaluation and never trained on. A training set with fewer than two classes is refused.
+
+**Augmentation.** On by default: the training images go through timm's training transform built from the
+model's data config (:func:`hubtune.data.augment.train_transform_for`: random resized crop, flip, colour
+jitter; ``auto_augment``, ``mixup``, ``cutmix``, ``label_smoothing``, ... as timm's options), deterministic per
+(sample, epoch, seed); evaluation uses the evaluation transform. ``augment=False`` trains on the evaluation
+transform; ``augment={"auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8}`` sets options.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..errors import ConfigError
-from .engine import Engine, TrainConfig
+from ..errors import ConfigError, OutputError, TooFewClassesError
+from .engine import Engine, TrainConfig, prepare_out_dir
 from .method import METHODS, Method
 
 __all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "ADAPTATION_METHODS",
-           "TUNE_KEYS", "model_and_transform", "train_dataset"]
+           "TUNE_KEYS", "EVAL_FRACTION", "model_and_transform", "train_dataset", "eval_dataset_for",
+           "augment_config", "seed_everything"]
 
 #: methods trained on (labelled source, unlabelled target) pairs and evaluated on the target's test split
 ADAPTATION_METHODS = ("dann", "cdan")
 TUNE_KEYS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
-             "num_classes", "max_samples", "data_dir", "out", "resume", "method_args")
+             "num_classes", "max_samples", "data_dir", "out", "resume", "overwrite", "augment", "method_args")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+#: the share of an image folder held out (stratified, seeded) for evaluation when it has no test split
+EVAL_FRACTION = 0.2
 
 
 def _ensure_registered() -> None:
@@ -53,6 +75,19 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(self.dataset.image(i)), int(self.dataset.labels[i])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the wrapped dataset when it has ``set_epoch`` (a deterministic transform needs none)."""
+        fn = getattr(self.dataset, "set_epoch", None)
+        if callable(fn):
+            fn(epoch)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch's generators (CPU and CUDA) from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def load_tune_config(config) -> dict:
@@ -85,21 +120,46 @@ def load_tune_config(config) -> dict:
     return data
 
 
-def _accepts(cls, name: str) -> bool:
+def _params(fn) -> dict:
     try:
-        params = inspect.signature(cls.__init__).parameters
+        return dict(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        return False
+        return {}
+
+
+def _accepts(cls, name: str) -> bool:
+    params = _params(cls.__init__)
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _has_param(cls, name: str) -> bool:
+    """``name`` is a named parameter of the method's constructor (not merely swallowed by ``**kwargs``)."""
+    return name in _params(cls.__init__)
 
 
 def _requires(cls, name: str) -> bool:
     """``name`` is a parameter of the method's constructor without a default."""
-    try:
-        p = inspect.signature(cls.__init__).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
+    p = _params(cls.__init__).get(name)
     return p is not None and p.default is inspect.Parameter.empty
+
+
+def _check_method_args(cls, margs: dict, *also) -> None:
+    """Refuse (:class:`ConfigError`) a method argument the method does not take, listing those it takes.
+    ``also``: further callables whose named parameters are accepted too (``from_ranking``)."""
+    accepted, open_ended = [], False
+    for fn in (cls.__init__,) + also:
+        for name, p in _params(fn).items():
+            if p.kind is p.VAR_KEYWORD:
+                open_ended = open_ended or fn is cls.__init__
+            elif p.kind is not p.VAR_POSITIONAL and name not in ("self", "cls", "model", "models", "ranking",
+                                                                  "top_k") and name not in accepted:
+                accepted.append(name)
+    if open_ended:
+        return
+    unknown = sorted(set(margs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"method {cls.name!r} has no argument {', '.join(repr(u) for u in unknown)} "
+                          f"(--method-arg / method_args); it accepts: {', '.join(accepted)}")
 
 
 def make_transferable(model, method: str, **kwargs) -> Method:
@@ -107,73 +167,191 @@ def make_transferable(model, method: str, **kwargs) -> Method:
     ``m.losses(batch)`` in your own loop to get ``{"total": ..., term: ...}`` and back-propagate ``"total"``;
     ``m.predict(x)`` gives logits, ``m.param_groups(lr)`` the optimizer groups (discriminators, feature
     matchers and heads included), ``m.model_to_save()`` the tuned timm model. ``kwargs`` go to the method
-    (``num_classes``, ``teacher``, ``trade_off``, ...)."""
+    (``num_classes``, ``teacher``, ``trade_off``, ...); an argument the method does not take is a
+    :class:`ConfigError` listing those it takes. ``seed=N`` seeds every generator first (and reaches a method
+    that takes ``seed``), so the new head and the other new parts are reproducible."""
     _ensure_registered()
     cls = METHODS.get(method)
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed={seed!r} is invalid: give a whole number")
+        seed_everything(seed)
+        if _has_param(cls, "seed"):
+            kwargs["seed"] = seed
+    _check_method_args(cls, kwargs)
     return cls(model, **kwargs)
 
 
-def _dataset(spec, split, data_dir, max_samples, seed, transform):
-    from ..data import create_dataset, stratified_subsample
+# ---------------------------------------------------------------------------------------------- data
+def _is_folder(spec) -> bool:
+    return isinstance(spec, str) and spec.split(":", 1)[0] == "imagefolder"
 
-    ds = create_dataset(spec, split=split, data_dir=data_dir)
+
+def _same_spec(a, b) -> bool:
+    return a is not None and b is not None and str(a) == str(b)
+
+
+def _check_max_samples(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"max_samples={value!r} is invalid (--max-samples): give a whole number >= 1 (the "
+                          "training images to keep), or leave it out to train on the whole dataset")
+    return int(value)
+
+
+def _base_dataset(spec, split: str, data_dir, seed: int, hold_out: bool):
+    """``spec``'s ``split`` as an ImageDataset. An image folder has no splits: with ``hold_out`` its train split
+    is the folder less a seeded stratified :data:`EVAL_FRACTION`, its test split that fraction; without, the
+    whole folder either way."""
+    from ..data import create_dataset
+
+    if not _is_folder(spec):
+        return create_dataset(spec, split=split, data_dir=data_dir)
+    ds = create_dataset(spec, split="train", data_dir=data_dir)
+    if not hold_out:
+        return ds
+    from ..data import stratified_split
+
+    train_idx, test_idx = stratified_split(np.asarray(ds.labels), EVAL_FRACTION, seed=seed)
+    idx = train_idx if split == "train" else test_idx
+    if len(idx) == 0:
+        raise ConfigError(f"{spec!r} is too small to hold out {EVAL_FRACTION:.0%} of each class for evaluation "
+                          f"({len(ds)} images); add images or pass eval_dataset= (--eval-dataset) as a separate "
+                          "folder")
+    return ds.subset(idx)
+
+
+def _holds_out(spec, eval_spec) -> bool:
+    """An image folder trained on is split when it is also the evaluation set (no separate one given)."""
+    return _is_folder(spec) and (eval_spec is None or _same_spec(eval_spec, spec))
+
+
+def _wrap(ds, transform, seed: int):
+    from ..data.augment import AugmentedDataset, TrainTransform
+
+    if isinstance(transform, TrainTransform) and transform.config.enabled:
+        return AugmentedDataset(ds, transform, seed=seed)
+    return TransformedDataset(ds, transform)
+
+
+def train_dataset(spec, transform, *, data_dir=None, max_samples=None, seed: int = 0, split: str = "train",
+                  eval_dataset=None, hold_out: bool | None = None):
+    """``(ImageDataset, training Dataset)``: the training images exactly as :func:`tune` builds them (the same
+    held-out split of an image folder unless ``eval_dataset`` is another set, the same stratified subsample for
+    ``max_samples`` and ``seed``, the same order). ``transform``: an evaluation transform gives a
+    :class:`TransformedDataset`; an enabled training transform (:func:`hubtune.data.augment.train_transform_for`)
+    an :class:`~hubtune.data.augment.AugmentedDataset` seeded with ``seed``; None only the ImageDataset.
+    ``hold_out`` overrides whether an image folder's evaluation share is held out (default: when the folder is
+    also the evaluation set)."""
+    from ..data import stratified_subsample
+
+    max_samples = _check_max_samples(max_samples)
+    if hold_out is None:
+        hold_out = _holds_out(spec, eval_dataset)
+    ds = _base_dataset(spec, split, data_dir, seed, hold_out=hold_out)
     if max_samples:
-        ds = stratified_subsample(ds, max_samples=int(max_samples), seed=seed)
+        ds = stratified_subsample(ds, max_samples=max_samples, seed=seed)
+    return ds, (None if transform is None else _wrap(ds, transform, seed))
+
+
+def eval_dataset_for(spec, transform, *, data_dir=None, seed: int = 0, eval_dataset=None):
+    """``(ImageDataset, TransformedDataset)``: the evaluation set :func:`tune` uses for training set ``spec``:
+    ``eval_dataset`` (its test split; an image folder other than ``spec``: the whole folder) or ``spec``'s test
+    split (an image folder: its held-out share). Never subsampled."""
+    ev = eval_dataset if eval_dataset is not None else spec
+    ds = _base_dataset(ev, "test", data_dir, seed, hold_out=_holds_out(spec, eval_dataset) and _same_spec(ev, spec))
     return ds, TransformedDataset(ds, transform)
+
+
+def _check_classes(ds, spec) -> None:
+    present = np.unique(np.asarray(ds.labels))
+    if present.size < 2:
+        names = getattr(ds, "classes", None)
+        which = ", ".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in present)
+        raise TooFewClassesError(f"training set {str(spec)!r} holds {present.size} class ({which or 'none'}); "
+                                 "training a classifier needs at least two classes: check the dataset (an image "
+                                 "folder needs one subfolder per class) or --max-samples")
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _load(spec) -> tuple:
+    """``(module, data_config, spec_name)`` of a spec or a timm module."""
+    if isinstance(spec, torch.nn.Module):
+        from timm.data import resolve_data_config
+
+        return spec, dict(resolve_data_config({}, model=spec)), type(spec).__name__
+    from ..hub import load_candidate
+
+    cand = load_candidate(spec)
+    return cand.module, dict(cand.data_config), cand.spec
 
 
 def model_and_transform(spec) -> tuple:
     """``(module, transform, spec_name)`` for a spec or a timm module: the candidate's evaluation transform
-    (``transform_for(data_config)``), the one :func:`tune` feeds every image through."""
+    (``transform_for(data_config)``), the one :func:`tune` evaluates with."""
     from ..data import transform_for
 
-    if isinstance(spec, torch.nn.Module):
-        from timm.data import resolve_data_config
-
-        module, data_config, spec_name = spec, resolve_data_config({}, model=spec), type(spec).__name__
-    else:
-        from ..hub import load_candidate
-
-        cand = load_candidate(spec)
-        module, data_config, spec_name = cand.module, cand.data_config, cand.spec
+    module, data_config, spec_name = _load(spec)
     return module, transform_for(data_config), spec_name
 
 
-def train_dataset(spec, transform, *, data_dir=None, max_samples=None, seed: int = 0, split: str = "train"):
-    """``(ImageDataset, TransformedDataset)``: the training images exactly as :func:`tune` builds them (same
-    stratified subsample for ``max_samples`` and ``seed``, same order, same transform)."""
-    return _dataset(spec, split, data_dir, max_samples, seed, transform)
+def augment_config(augment=None):
+    """``augment`` (None or True: the defaults; False: off; a dict of
+    :class:`~hubtune.data.augment.AugmentConfig` options; an AugmentConfig) -> an AugmentConfig."""
+    from ..data.augment import AugmentConfig
+
+    if augment is None or augment is True:
+        return AugmentConfig()
+    if augment is False:
+        return AugmentConfig(enabled=False)
+    if isinstance(augment, AugmentConfig):
+        return augment
+    if isinstance(augment, dict):
+        opts = {str(k).replace("-", "_"): (tuple(v) if isinstance(v, list) else v) for k, v in augment.items()}
+        names = [f.name for f in dataclasses.fields(AugmentConfig)]
+        unknown = sorted(set(opts) - set(names))
+        if unknown:
+            raise ConfigError(f"augment: unknown option(s) {', '.join(unknown)}; options: {', '.join(names)}")
+        return AugmentConfig(**opts)
+    raise ConfigError(f"augment={augment!r} is invalid: give True, False or a mapping of augmentation options")
 
 
-def _eval_split(spec, data_dir) -> tuple:
-    """The test split of a registered dataset; for an image folder (no splits) the same folder."""
-    if isinstance(spec, str) and spec.startswith("imagefolder"):
-        return spec, "train"
-    return spec, "test"
+def _mixer(aug, num_classes: int, seed: int):
+    if not aug.mixing and aug.label_smoothing == 0:
+        return None
+    from ..data.augment import BatchMixer
+
+    return BatchMixer(aug, num_classes=int(num_classes), seed=seed)
 
 
+# ---------------------------------------------------------------------------------------------- tune
 def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | None = None, teacher=None,
          dataset=None, target_dataset=None, eval_dataset=None, num_classes: int | None = None,
          epochs: int | None = None, out=None, config=None, resume: bool | None = None,
-         max_samples: int | None = None, data_dir=None, batch_size: int | None = None, lr: float | None = None,
-         device: str | None = None, precision: str | None = None, train: dict | None = None,
+         overwrite: bool | None = None, max_samples: int | None = None, data_dir=None,
+         batch_size: int | None = None, lr: float | None = None, device: str | None = None,
+         precision: str | None = None, seed: int | None = None, augment=None, train: dict | None = None,
          **method_kwargs) -> dict:
     """Tune a model with a registered method and return the Engine's report (also ``OUT/report.json``).
 
-    The model is ``model`` (a spec or a timm model) or, with ``ranking`` (a ``hubtune rank --out`` folder),
-    ``Ranking.load(ranking).top(top_k)[0]`` (the best; for a method that takes ``teacher`` and none is given,
-    the next ``top_k - 1`` specs become the teachers). Images go through the candidate's evaluation transform
-    (``transform_for(candidate.data_config)``). Training data: ``dataset`` train split (at most
-    ``max_samples``, stratified); evaluation: its test split, or for ``dann``/``cdan`` the test split of
-    ``target_dataset`` (whose train split gives the unlabelled target images). ``eval_dataset`` overrides the
-    evaluation set. Settings: TrainConfig defaults <- ``config`` <- ``train`` (a dict of TrainConfig fields)
-    <- the explicit arguments; ``method_kwargs`` (over ``config["method_args"]``) go to the method."""
+    The model is ``model`` (a spec or a timm model) or, with ``ranking`` (a ``hubtune rank --out`` folder), the
+    ranking's best. A method that distils from a teacher (``kd``) given ``ranking``: the teacher is
+    ``teacher=`` (e.g. ``local-dir:`` of a tuned folder) or else the ranking's top-1 **fine-tuned on**
+    ``dataset`` first (a ``finetune`` run in ``OUT/teacher/``, reused when that folder holds a complete run of
+    the same model and dataset); the student is ``model=`` or else the best-ranked model other than that
+    teacher's source, and no larger than ``max_student_params`` (a method argument) when given. Data, seeding
+    and augmentation: see the module docstring. Output: ``out`` must not hold a run unless ``resume`` (continue
+    it) or ``overwrite`` (replace hubtune's files in it); it is checked to be writable before any model is
+    loaded. Settings: TrainConfig defaults <- ``config`` <- ``train`` (a dict of TrainConfig fields) <- the
+    explicit arguments; ``method_kwargs`` (over ``config["method_args"]``) go to the method."""
     _ensure_registered()
     cfg = load_tune_config(config)
     explicit = {"method": method, "model": model, "ranking": ranking, "top_k": top_k, "teacher": teacher,
                 "dataset": dataset, "target_dataset": target_dataset, "eval_dataset": eval_dataset,
                 "num_classes": num_classes, "max_samples": max_samples, "data_dir": data_dir, "out": out,
-                "resume": resume}
+                "resume": resume, "overwrite": overwrite, "augment": augment}
     s = {k: cfg.get(k) for k in TUNE_KEYS}
     s.update({k: v for k, v in explicit.items() if v is not None})
     if model is not None and ranking is None:  # an explicit choice of model replaces the config's
@@ -188,13 +366,14 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     tcfg.update({k: cfg[k] for k in TRAIN_KEYS if k in cfg})
     tcfg.update(train or {})
     tcfg.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
-                                   "precision": precision}.items() if v is not None})
+                                   "precision": precision, "seed": seed}.items() if v is not None})
 
     if not s["method"]:
         raise ConfigError(f"no method given; choose one of: {', '.join(METHODS.names())}")
     cls = METHODS.get(s["method"])
     if not s["dataset"]:
         raise ConfigError("no dataset given; pass dataset= (a registered name or 'imagefolder:PATH')")
+    s["max_samples"] = _check_max_samples(s["max_samples"])
     adapt = s["method"] in ADAPTATION_METHODS
     if adapt and not s["target_dataset"]:
         raise ConfigError(f"method {s['method']!r} adapts to a target domain: pass target_dataset= "
@@ -203,74 +382,103 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
         tcfg["out_dir"] = str(s["out"])
     if s["resume"] is not None:
         tcfg["resume"] = bool(s["resume"])
-    k = int(s["top_k"] or 1)
-    teachers = []
-    if getattr(cls, "multi_model", False):
-        return _tune_multi(cls, s, margs, TrainConfig(**tcfg))
-    if s["model"] is not None and s["ranking"]:
-        raise ConfigError("give either model= or ranking=, not both")
-    if s["model"] is not None:
-        spec = s["model"]
-    elif s["ranking"]:
-        from ..ranking import Ranking
-
-        top = Ranking.load(s["ranking"]).top(k)
-        spec, teachers = top[0], top[1:]
+    if s["overwrite"] is not None:
+        tcfg["overwrite"] = bool(s["overwrite"])
+    multi = getattr(cls, "multi_model", False)
+    distils = not multi and _has_param(cls, "teacher")
+    max_student = margs.pop("max_student_params", None) if distils else None
+    if max_student is not None and (isinstance(max_student, bool) or not isinstance(max_student, int)
+                                    or max_student < 1):
+        raise ConfigError(f"max_student_params={max_student!r} is invalid: give a whole number of parameters >= 1")
+    if multi:
+        _check_method_args(cls, margs, cls.from_ranking)
     else:
-        raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
-                          "ranking= (a `hubtune rank --out` folder) with top_k=")
-    if s["teacher"] is None and not teachers and _requires(cls, "teacher"):
-        raise ConfigError(f"method {s['method']!r} needs a teacher: pass teacher= (--teacher SPEC), or ranking= "
-                          "with top_k >= 2 so that the runner-up models become the teachers")
+        _check_method_args(cls, margs)
+    aug = augment_config(s["augment"])
     train_config = TrainConfig(**tcfg)  # validated before anything heavy is loaded
-
-    module, transform, spec_name = model_and_transform(spec)
+    if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
+        prepare_out_dir(train_config.out_dir, resume=train_config.resume, overwrite=train_config.overwrite)
     seed = train_config.seed
-    src_ds, train_ds = train_dataset(s["dataset"], transform, data_dir=s["data_dir"],
-                                     max_samples=s["max_samples"], seed=seed)
+    if multi:
+        seed_everything(seed)
+        return _tune_multi(cls, s, margs, train_config, aug)
+    if s["model"] is not None and s["ranking"] and not distils:
+        raise ConfigError("give either model= or ranking=, not both")
+
+    extra = {}
+    if distils and s["ranking"]:
+        spec, teacher_spec, extra = _distillation_pair(s, max_student, train_config, aug)
+    else:
+        if s["model"] is not None:
+            spec = s["model"]
+        elif s["ranking"]:
+            from ..ranking import Ranking
+
+            k = int(s["top_k"] or 1)
+            spec = Ranking.load(s["ranking"]).top(k)[0]
+        else:
+            raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
+                              "ranking= (a `hubtune rank --out` folder) with top_k=")
+        teacher_spec = s["teacher"]
+    if teacher_spec is None and _requires(cls, "teacher"):
+        raise ConfigError(f"method {s['method']!r} needs a teacher: pass teacher= (--teacher SPEC, e.g. "
+                          "local-dir: of a model tuned on this dataset), or ranking= (--ranking DIR: its top-1 is "
+                          "fine-tuned on the dataset and becomes the teacher)")
+    if teacher_spec is not None and not _accepts(cls, "teacher"):
+        raise ConfigError(f"method {s['method']!r} takes no teacher; drop teacher= or use a distillation method")
+
+    seed_everything(seed)  # before the model is loaded and the method built: heads, matchers, ... are seeded
+    module, data_config, spec_name = _load(spec)
+    from ..data import transform_for
+    from ..data.augment import train_transform_for
+
+    eval_transform = transform_for(data_config)
+    train_transform = train_transform_for(data_config, aug) if aug.enabled else eval_transform
+    ev_default = s["target_dataset"] if adapt else s["dataset"]
+    src_ds, train_ds = train_dataset(s["dataset"], train_transform, data_dir=s["data_dir"],
+                                     max_samples=s["max_samples"], seed=seed, eval_dataset=s["eval_dataset"],
+                                     hold_out=False if adapt else None)  # a source domain is not evaluated
+    _check_classes(src_ds, s["dataset"])
     if adapt:
         from .adaptation import PairedDataset
 
-        tgt_src, tgt_train = _dataset(s["target_dataset"], "train", s["data_dir"], s["max_samples"], seed, transform)
+        tgt_src, tgt_train = train_dataset(s["target_dataset"], train_transform, data_dir=s["data_dir"],
+                                           max_samples=s["max_samples"], seed=seed, eval_dataset=s["eval_dataset"])
         if tgt_src.num_classes != src_ds.num_classes:
             raise ConfigError(
                 f"source {s['dataset']!r} has {src_ds.num_classes} classes but target {s['target_dataset']!r} has "
                 f"{tgt_src.num_classes}; domain adaptation needs the same label set in both domains")
         train_ds = PairedDataset(train_ds, tgt_train, seed=seed)
-    eval_ds = _eval_set(s, s["target_dataset"] if adapt else s["dataset"], seed, transform)
+    _, eval_ds = eval_dataset_for(ev_default, eval_transform, data_dir=s["data_dir"], seed=seed,
+                                  eval_dataset=s["eval_dataset"])
 
-    n_classes = s["num_classes"] or src_ds.num_classes
+    n_classes = int(s["num_classes"] or src_ds.num_classes)
     if _accepts(cls, "num_classes"):
-        margs.setdefault("num_classes", int(n_classes))
-    teacher_spec = s["teacher"]
-    if teacher_spec is None and teachers and _accepts(cls, "teacher"):
-        teacher_spec = teachers[0] if len(teachers) == 1 else list(teachers)
+        margs.setdefault("num_classes", n_classes)
+    if _has_param(cls, "seed"):
+        margs.setdefault("seed", seed)
     if teacher_spec is not None:
-        if not _accepts(cls, "teacher"):
-            raise ConfigError(f"method {s['method']!r} takes no teacher; drop teacher= or use a distillation "
-                              "method")
         margs["teacher"] = teacher_spec
     m = cls(module, **margs)
-    extra = {"model": spec_name, "dataset": str(s["dataset"])}
+    mixer = _mixer(aug, n_classes, seed)
+    if mixer is not None and getattr(m, "cache_path", None) is not None and aug.mixing:
+        raise ConfigError("mixup/cutmix mix images across a batch, so a teacher cache written per image cannot "
+                          "be replayed: run the teacher live (cache_teacher=false) or drop mixup/cutmix")
+    extra.update({"model": spec_name, "dataset": str(s["dataset"]), "augment": json.loads(aug.key())})
     if adapt:
         extra["target_dataset"] = str(s["target_dataset"])
-    return _fit(m, train_ds, eval_ds, train_config, extra, index=not adapt)
+    return _fit(m, train_ds, eval_ds, train_config, extra, index=not adapt, mixer=mixer)
 
 
-def _eval_set(s: dict, default_spec, seed: int, transform):
-    """The evaluation set: ``eval_dataset`` or ``default_spec``, its test split (an image folder: itself)."""
-    ev_spec, ev_split = _eval_split(s["eval_dataset"] or default_spec, s["data_dir"])
-    return _dataset(ev_spec, ev_split, s["data_dir"], s["max_samples"], seed, transform)[1]
-
-
-def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, index: bool = True) -> dict:
+def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, index: bool = True,
+         mixer=None) -> dict:
     """Run the Engine and return its report with ``extra`` added (rewritten to ``OUT/report.json``). A method
     reading a teacher cache gets ``batch["index"]`` (``index``: the items are not pairs of domains)."""
     if index and getattr(m, "cache_path", None) is not None:
         from .kd import IndexedDataset
 
         train_ds = IndexedDataset(train_ds)
-    report = Engine(train_config).fit(m, train_ds, eval_ds)
+    report = Engine(train_config).fit(m, train_ds, eval_ds, mixer=mixer)
     report.update(extra)
     if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
         from .._io import write_json
@@ -279,24 +487,107 @@ def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, i
     return report
 
 
-def _tune_multi(cls, s: dict, margs: dict, train_config: TrainConfig) -> dict:
+# ---------------------------------------------------------------------------------------------- kd + ranking
+def _distillation_pair(s: dict, max_student, train_config: TrainConfig, aug) -> tuple:
+    """``(student spec, teacher spec, report extras)`` for a distillation method given a ranking."""
+    from ..ranking import Ranking
+
+    folder = Path(s["ranking"])
+    if not (folder / "ranking.json").is_file():
+        raise ConfigError(f"ranking={str(folder)!r} is not a `hubtune rank --out` folder (no ranking.json); run "
+                          "`hubtune rank --out DIR` first")
+    if s["top_k"] not in (None, 1):
+        raise ConfigError(f"method {s['method']!r} distils from one teacher, the ranking's top-1 fine-tuned on the "
+                          f"dataset; top_k={s['top_k']!r} has no meaning here: drop it (--top-k)")
+    ranking = Ranking.load(folder)
+    cands = list(ranking.candidates)
+    if not cands:
+        raise ConfigError(f"the ranking in {folder} holds no candidates; rank some models first")
+    extra = {"ranking": str(folder)}
+    teacher_source = None
+    if s["teacher"] is not None:
+        teacher_spec = s["teacher"]
+        extra["teacher"] = str(teacher_spec)
+    else:
+        teacher_source = cands[0].spec
+        teacher_spec = _teacher_run(s, teacher_source, train_config, aug)
+        extra.update(teacher=teacher_spec, teacher_source=teacher_source)
+    if s["model"] is not None:
+        return s["model"], teacher_spec, extra
+    pool = [c for c in cands if c.spec != teacher_source]
+    if max_student is not None:
+        sized = []
+        for c in pool:
+            n = int(c.num_params or 0)
+            if n <= 0:  # an older ranking without sizes: count them
+                from ..hub import load_candidate
+
+                n = int(load_candidate(c.spec).num_params)
+            sized.append((c, n))
+        fits = [c for c, n in sized if n <= max_student]
+        if not fits:
+            sizes = ", ".join(f"{c.spec} ({n / 1e6:.2f}M)" for c, n in sized) or "none"
+            raise ConfigError(f"no ranked model other than the teacher has at most max_student_params={max_student} "
+                              f"parameters (candidates: {sizes}); raise max_student_params or pass model=")
+        pool = fits
+    if not pool:
+        raise ConfigError(f"the ranking in {folder} holds only the teacher's model ({teacher_source}); pass the "
+                          "student with model= (--model), or rank more models")
+    return pool[0].spec, teacher_spec, extra
+
+
+def _teacher_run(s: dict, source_spec: str, train_config: TrainConfig, aug) -> str:
+    """``local-dir:OUT/teacher``: ``source_spec`` fine-tuned on the dataset, reused when that folder holds a
+    complete run of the same model and dataset (``overwrite`` retrains it)."""
+    if not train_config.out_dir:
+        raise ConfigError("the teacher is the ranking's top-1 fine-tuned first, into OUT/teacher: pass out= "
+                          "(--out), or give the tuned teacher with teacher= (--teacher local-dir:PATH)")
+    tdir = Path(train_config.out_dir) / "teacher"
+    done = all((tdir / f).is_file() for f in ("report.json", "model.safetensors", "config.json"))
+    if done and not train_config.overwrite:
+        try:
+            rep = json.loads((tdir / "report.json").read_text())
+        except (OSError, ValueError):
+            rep = {}
+        if rep.get("model") == source_spec and rep.get("dataset") == str(s["dataset"]):
+            return f"local-dir:{tdir}"
+        raise OutputError(f"{tdir} holds a teacher tuned from {rep.get('model')!r} on {rep.get('dataset')!r}, not "
+                          f"{source_spec!r} on {str(s['dataset'])!r}; pass --overwrite (overwrite=True) to retrain "
+                          "it, or choose a new --out")
+    resume = (tdir / "checkpoint.pt").is_file() and not train_config.overwrite
+    train = {k: v for k, v in dataclasses.asdict(train_config).items()
+             if k not in ("out_dir", "resume", "overwrite")}
+    tune("finetune", model=source_spec, dataset=s["dataset"], eval_dataset=s["eval_dataset"],
+         num_classes=s["num_classes"], max_samples=s["max_samples"], data_dir=s["data_dir"], out=tdir,
+         resume=resume, overwrite=bool(train_config.overwrite) and not resume,
+         augment=dataclasses.asdict(aug), train=train)
+    return f"local-dir:{tdir}"
+
+
+# ---------------------------------------------------------------------------------------------- multi
+def _tune_multi(cls, s: dict, margs: dict, train_config: TrainConfig, aug) -> dict:
     """:func:`tune` for a method that holds several models (``cls.multi_model``): built from the top-K of the
     ranking (``btuning``: the teachers; ``model=`` then names the student) or from ``model=`` as a list."""
     from ..data import transform_for
+    from ..data.augment import train_transform_for
 
     if s["target_dataset"]:
         raise ConfigError(f"method {s['method']!r} does not adapt between domains; drop target_dataset=")
     if s["teacher"] is not None:
         raise ConfigError(f"method {s['method']!r} takes its teachers from ranking= (top_k=), not teacher=")
     seed = train_config.seed
-    src_ds, _ = train_dataset(s["dataset"], None, data_dir=s["data_dir"], max_samples=s["max_samples"], seed=seed)
+    src_ds, _ = train_dataset(s["dataset"], None, data_dir=s["data_dir"], max_samples=s["max_samples"], seed=seed,
+                              eval_dataset=s["eval_dataset"])
+    _check_classes(src_ds, s["dataset"])
     n_classes = int(s["num_classes"] or src_ds.num_classes)
     if s["ranking"]:
-        if s["model"] is not None and "student" not in inspect.signature(cls.from_ranking).parameters:
+        if s["model"] is not None and "student" not in _params(cls.from_ranking):
             raise ConfigError(f"method {s['method']!r} takes its models from ranking= (top_k=) or from model= (a "
                               "list of specs), not both")
         if s["model"] is not None:
             margs.setdefault("student", s["model"])
+        if "dataset" in _params(cls.from_ranking):  # the ranking's dataset is checked against this one
+            margs.setdefault("dataset", src_ds)
         m = cls.from_ranking(s["ranking"], int(s["top_k"] or 2), n_classes, **margs)
     elif s["model"] is not None:
         if _requires(cls, "teachers"):
@@ -307,10 +598,17 @@ def _tune_multi(cls, s: dict, margs: dict, train_config: TrainConfig) -> dict:
     else:
         raise ConfigError(f"method {s['method']!r} needs several models: pass ranking= (a `hubtune rank --out` "
                           "folder) with top_k=, or model= as a list of specs")
-    transform = transform_for(m.data_config)
-    train_ds = TransformedDataset(src_ds, transform)
-    eval_ds = _eval_set(s, s["dataset"], seed, transform)
+    eval_transform = transform_for(m.data_config)
+    train_transform = train_transform_for(m.data_config, aug) if aug.enabled else eval_transform
+    train_ds = _wrap(src_ds, train_transform, seed)
+    _, eval_ds = eval_dataset_for(s["dataset"], eval_transform, data_dir=s["data_dir"], seed=seed,
+                                  eval_dataset=s["eval_dataset"])
     m.prepare(train_ds, device=train_config.device)
+    mixer = _mixer(aug, n_classes, seed)
+    if mixer is not None and getattr(m, "cache_path", None) is not None and aug.mixing:
+        raise ConfigError("mixup/cutmix mix images across a batch, so a teacher cache written per image cannot "
+                          "be replayed: run the teachers live or drop mixup/cutmix")
     return _fit(m, train_ds, eval_ds, train_config,
                 {"model": getattr(m, "student_name", None) or " + ".join(m.model_names),
-                 "ranking": str(s["ranking"]) if s["ranking"] else None, "dataset": str(s["dataset"])})
+                 "ranking": str(s["ranking"]) if s["ranking"] else None, "dataset": str(s["dataset"]),
+                 "augment": json.loads(aug.key())}, mixer=mixer)

@@ -27,14 +27,24 @@ Choices the paper leaves open, each a parameter or documented here:
 * Optimiser defaults from the authors' code (:attr:`BTuning.train_defaults`, applied by :func:`hubtune.tune`
   beneath any config): SGD, Nesterov momentum 0.9, weight decay 5e-4, backbone lr 1e-3; the head trains at
   ``head_lr_mult`` = 10x.
-* ``cache_teacher=True`` reads ``p(x)`` per sample from a cache written by
-  :func:`~hubtune.tuning.kd.cache_teacher_outputs` ``(method.ensemble, train_dataset, path)``; the cache is keyed by
-  the identity of the whole ensemble (teacher weights, projections and pi), and verified per batch exactly as
-  KD's teacher cache is (un-augmented views only).
+* ``cache_teacher=True`` reads ``p(x)`` per sample (and per epoch, for an augmented training set) from a cache
+  written by :func:`~hubtune.tuning.kd.cache_teacher_outputs` ``(method.ensemble, train_dataset, path,
+  epochs=E)`` or ``hubtune cache-teacher --ranking DIR --epochs E``; the cache is keyed by
+  :meth:`TeacherEnsemble.cache_identity` (teacher weights, projections, pi and every teacher's input view), and
+  verified per batch exactly as KD's teacher cache is. The method then keeps no teacher module at all (only that
+  identity), so nothing is moved to the GPU or checkpointed; otherwise :meth:`BTuning.frozen_modules` names the
+  ensemble, which the engine leaves out of ``checkpoint.pt``.
+* **The ranking's dataset is checked.** :meth:`BTuning.from_ranking` compares the ranking's ``dataset_info``
+  with the dataset being tuned (``dataset=``) and refuses another dataset or another number of classes (the
+  LogME weights would project onto another task's labels), naming both and the cure
+  (:func:`~hubtune.tuning.multi.check_ranking_dataset`); ``allow_foreign_ranking=True`` turns that into a
+  warning. A ranking written before hubtune recorded its dataset gives a warning.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import warnings
 
@@ -44,13 +54,9 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .method import register_method
-from .multi import HubModel, InputAdapter, MultiModelMethod, load_models, ranking_top
+from .multi import (HubModel, InputAdapter, MultiModelMethod, check_ranking_dataset, load_models, module_identity,
+                    penultimate_features, ranking_top, view_of)
 
-
-def features_of(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate features ``(B, D)``, exactly as the ranking extracted them (``Candidate.forward``)."""
-    f = module.forward_head(module.forward_features(x), pre_logits=True)
-    return f.reshape(f.shape[0], -1)
 
 
 def projection_matrix(weights, columns, num_classes: int, width: int, name: str) -> torch.Tensor:
@@ -91,6 +97,7 @@ class TeacherEnsemble(torch.nn.Module):
         super().__init__()
         self.teachers = torch.nn.ModuleList([t.module for t in teachers])
         self.adapters = torch.nn.ModuleList([InputAdapter(input_config, t.data_config) for t in teachers])
+        self.views = {"input": view_of(input_config), "teachers": [view_of(t.data_config) for t in teachers]}
         for i, p in enumerate(projections):
             self.register_buffer(f"proj{i}", p)
         self.register_buffer("pi", pi)
@@ -101,11 +108,18 @@ class TeacherEnsemble(torch.nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: running BN statistics, no dropout
 
+    def cache_identity(self) -> str:
+        """The teacher-cache key: :func:`~hubtune.tuning.multi.module_identity` of the ensemble (teacher weights,
+        projections, pi) and the input views (the batches' data config and each teacher's), which the state
+        dict does not hold."""
+        payload = json.dumps({"ensemble": module_identity(self), "views": self.views}, sort_keys=True)
+        return hashlib.sha256(("hubtune-btuning-ensemble-v1\n" + payload).encode()).hexdigest()
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = 0.0
         for i, (t, a) in enumerate(zip(self.teachers, self.adapters)):
-            out = out + self.pi[i] * (features_of(t, a(x)).float() @ getattr(self, f"proj{i}").T)
+            out = out + self.pi[i] * (penultimate_features(t, a(x)).float() @ getattr(self, f"proj{i}").T)
         return out
 
 
@@ -161,26 +175,31 @@ class BTuning(MultiModelMethod):
         if student_weights is not None:
             self.set_student_weights(student_weights)
 
-        self.cache_path, self._cache = None, None
+        self.pi = self.ensemble.pi.tolist()
+        self.cache_path, self._cache, self.teacher_identity, self._epoch = None, None, None, 0
         if cache_teacher or cache_path is not None:
-            from .kd import TeacherCache, module_identity
+            from .kd import TeacherCache
 
-            self.teacher_identity = module_identity(self.ensemble)
+            self.teacher_identity = self.ensemble.cache_identity()
             self._cache = TeacherCache(cache_path, self.teacher_identity, num_classes, verify_cache,
                                        cache_dir=cache_dir)
             self.cache_path = self._cache.path
+            self.ensemble = None  # neither moved to a device nor checkpointed: its outputs are on disk
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_ranking(cls, ranking, top_k: int, num_classes: int, *, student=None,
-                     max_student_params: int | None = None, models=None, **kwargs) -> "BTuning":
+                     max_student_params: int | None = None, models=None, dataset=None,
+                     allow_foreign_ranking: bool = False, **kwargs) -> "BTuning":
         """Teachers: the top ``top_k`` of ``ranking`` (a ``hubtune rank --out`` folder or a Ranking) with their
         LogME weights and scores. Student: ``student`` (a spec; its weights come from the ranking when it was
         ranked, else :meth:`fit_projection` must run before training), or the best-ranked candidate with at
         most ``max_student_params`` parameters, or the top-1. ``models``: Candidates already loaded (the ones
         given to :func:`hubtune.rank`, data configs included), used instead of loading the specs again; the
-        student is a copy."""
+        student is a copy. ``dataset``: the training set (an ImageDataset, or its fingerprint): a ranking made
+        on another dataset is refused unless ``allow_foreign_ranking`` (see the module docstring)."""
         rk, specs = ranking_top(ranking, top_k, "btuning", need_weights=True)
+        check_ranking_dataset(ranking, dataset, "btuning", allow_foreign=bool(allow_foreign_ranking))
         by_spec = {c.spec: c for c in rk.candidates}
         metric = "logme" if "logme" in rk.metrics else rk.metrics[0]
         if student is None:
@@ -225,7 +244,7 @@ class BTuning(MultiModelMethod):
         try:
             for raw in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
                 b = _as_batch(raw)
-                acc.update(features_of(self.student, b["input"].to(dev)).float().cpu().numpy(),
+                acc.update(penultimate_features(self.student, b["input"].to(dev)).float().cpu().numpy(),
                            b["target"].numpy())
         finally:
             self.student.train(was)
@@ -242,8 +261,20 @@ class BTuning(MultiModelMethod):
     # ------------------------------------------------------------------ training
     def train(self, mode: bool = True):
         super().train(mode)
-        self.ensemble.eval()
+        if self.ensemble is not None:
+            self.ensemble.eval()
         return self
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """``{"ensemble": the teacher ensemble}`` (frozen teachers, fixed projections and pi): the engine keeps
+        it out of ``checkpoint.pt``. Empty with ``cache_teacher=True``: no teacher module is held."""
+        return {} if self.ensemble is None else {"ensemble": self.ensemble}
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Remember the epoch (the cache row of augmented runs); a run longer than the cache fails here."""
+        self._epoch = int(epoch)
+        if self._cache is not None:
+            self._cache.check_epochs(epoch, total_epochs)
 
     def param_groups(self, lr: float) -> list[dict]:
         head = list(self.student.get_classifier().parameters())
@@ -257,7 +288,7 @@ class BTuning(MultiModelMethod):
         """``p(x)``, ``(B, C)``: from the cache when there is one, else from the live teachers."""
         x = batch["input"]
         if self._cache is not None:
-            return self._cache.lookup(batch, x)
+            return self._cache.lookup(batch, x, self._epoch)
         return self.ensemble(x)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -265,7 +296,7 @@ class BTuning(MultiModelMethod):
             raise ConfigError("BTuning has no student projection yet: pass student_weights= (from a ranking) or "
                               "call method.fit_projection(train_dataset) before training")
         x = batch["input"]
-        f = features_of(self.student, x)
+        f = penultimate_features(self.student, x)
         logits = self.student.get_classifier()(f).float()
         q = f.float() @ self.student_proj.T
         p = self.teacher_projection(batch).float().detach()
@@ -282,9 +313,10 @@ class BTuning(MultiModelMethod):
 
     def hparams(self) -> dict:
         return {"num_classes": self.num_classes, "student": self.student_name, "teachers": self.teacher_names,
-                "logme_scores": self.logme_scores, "pi": self.ensemble.pi.tolist(),
+                "logme_scores": self.logme_scores, "pi": self.pi,
                 "temperature": self.temperature, "trade_off": self.trade_off, "head_lr_mult": self.head_lr_mult,
-                "cache_path": str(self.cache_path) if self.cache_path is not None else None}
+                "cache_path": str(self.cache_path) if self.cache_path is not None else None,
+                "teacher_identity": self.teacher_identity}
 
 
 def _width(module: torch.nn.Module, data_config: dict) -> int:
@@ -296,6 +328,6 @@ def _width(module: torch.nn.Module, data_config: dict) -> int:
     was = module.training
     module.eval()
     with torch.no_grad():
-        w = features_of(module, torch.zeros(1, *size)).shape[1]
+        w = penultimate_features(module, torch.zeros(1, *size)).shape[1]
     module.train(was)
     return int(w)

@@ -11,7 +11,15 @@ Data order: epoch ``e`` visits the training set in ``torch.randperm(n)`` drawn f
 processes with B/W each see the same global batches. ``batch_size`` is the *global* batch.
 
 Datasets yield ``(input, target)`` pairs, ``{"input": ..., "target": ...}`` dicts, or bare inputs
-(label-free methods; no accuracy is computed then).
+(label-free methods; no accuracy is computed then). A training set (or a wrapper's ``.dataset``) with a
+``set_epoch(epoch)`` method is told the epoch before each one, so seeded augmentation differs per epoch and is
+replayed exactly on resume.
+
+Output folder: a run refuses a folder that already holds one (``checkpoint.pt``, ``model.safetensors``,
+``report.json`` or ``metrics.jsonl``) unless ``resume=True`` (continue it) or ``overwrite=True`` (remove those
+files, and only those, first). Frozen submodules a method names in :meth:`Method.frozen_modules` (teachers) are
+kept out of ``checkpoint.pt``: their identity is recorded instead and checked on resume. Loss terms are
+accumulated on the device and read back once per epoch (no host sync per step).
 """
 from __future__ import annotations
 
@@ -19,8 +27,8 @@ import json
 import math
 import os
 import random
+import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -31,14 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .._io import atomic_write_text, save_state_dict, write_json
-from ..errors import ConfigError
+from .._io import atomic_torch_save, atomic_write_text, check_writable, save_state_dict, write_json
+from ..errors import CheckpointError, ConfigError, OutputError
 from .method import Method
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("torch", "ipex")
+#: files whose presence means a folder holds a run (``resume`` continues it, ``overwrite`` replaces it)
+RUN_MARKERS = ("checkpoint.pt", "model.safetensors", "report.json", "metrics.jsonl")
+#: every file a run writes to its folder: all that ``overwrite=True`` removes
+RUN_FILES = RUN_MARKERS + ("config.json",)
 
 
 @dataclass
@@ -51,7 +63,9 @@ class TrainConfig:
     supports it and fp32 otherwise; ``"bf16"`` asks for bf16 autocast on CPU too. ``backend="ipex"`` (CPU
     only; ``device=None`` then means CPU) applies Intel Extension for PyTorch's ``ipex.optimize`` to the method
     and optimizer once, after the optimizer is built (``pip install 'hubtune[ipex]'``, a release matching
-    torch's major.minor; see :mod:`hubtune_ext.ipex`).
+    torch's major.minor; see :mod:`hubtune_ext.ipex`). ``overwrite=True`` lets a run replace the run files of
+    a folder that holds one (without it, and without ``resume``, such a folder is refused). ``verbose=True``
+    prints one line per epoch to stdout (loss terms, evaluation, images/s), besides ``metrics.jsonl``.
     """
 
     epochs: int = 10
@@ -73,6 +87,8 @@ class TrainConfig:
     resume: bool = False
     num_workers: int = 0
     backend: str = "torch"
+    overwrite: bool = False
+    verbose: bool = False
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -113,6 +129,9 @@ class TrainConfig:
             bad("seed", self.seed, "give a whole number")
         if self.resume and not self.out_dir:
             bad("resume", self.resume, "resume=True needs out_dir (where checkpoint.pt is)")
+        if self.resume and self.overwrite:
+            bad("overwrite", self.overwrite, "resume=True continues the run in out_dir and overwrite=True "
+                "replaces it; choose one")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", self.num_workers, "give a whole number >= 0")
         if self.backend not in BACKENDS:
@@ -156,16 +175,72 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def prepare_out_dir(out_dir, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check, before any work, that ``out_dir`` can be written (:func:`hubtune._io.check_writable`, which
+    creates it) and may take this run: a folder holding a run (:data:`RUN_MARKERS`) is refused with
+    :class:`OutputError` unless ``resume`` (continue it) or ``overwrite`` (its :data:`RUN_FILES`, and nothing
+    else, are removed now). Temporary files a killed run left behind are removed in every case."""
+    out = check_writable(out_dir)
+    for name in RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):  # left by a process killed mid-write (atomic_path's names)
+            tmp.unlink(missing_ok=True)
+    if resume:
+        return out
+    held = [name for name in RUN_MARKERS if (out / name).exists()]
+    if held and not overwrite:
+        raise OutputError(f"{out} already holds a run ({', '.join(held)}); pass --resume (resume=True) to continue "
+                          "it, --overwrite (overwrite=True) to replace it, or choose a new --out")
+    if overwrite:
+        for name in RUN_FILES:
+            try:
+                (out / name).unlink(missing_ok=True)
+            except OSError as e:
+                raise OutputError(f"could not remove {out / name} to overwrite the run: {e.strerror}; remove it "
+                                  "yourself or choose a new --out") from None
+    return out
+
+
+def _fault_hook(name: str, count: int) -> None:
+    """Fault injection for the test suite: ``HUBTUNE_TEST_KILL_AFTER_<name>=N`` SIGKILLs this process when
+    ``count`` reaches N (``STEPS``: optimizer steps taken by this process; ``CHECKPOINT``: epochs whose
+    checkpoint was just written)."""
+    want = os.environ.get(f"HUBTUNE_TEST_KILL_AFTER_{name}")
+    if want and count == int(want):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_epoch(dataset, epoch: int) -> None:
+    """Tell ``dataset`` the epoch: its ``set_epoch(epoch)`` if it has one, else that of the dataset it wraps
+    (``.dataset``, as ``torch.utils.data.Subset`` and hubtune's wrappers hold it)."""
+    for _ in range(16):
+        fn = getattr(dataset, "set_epoch", None)
+        if callable(fn):
+            fn(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return
+
+
+def _frozen_keys(method: Method) -> dict[str, torch.nn.Module]:
+    frozen = dict(method.frozen_modules() or {})
+    for path, mod in frozen.items():
+        if not path or not isinstance(mod, torch.nn.Module):
+            raise ConfigError(f"method {method.name!r}: frozen_modules() must map attribute paths to modules, got "
+                              f"{path!r}: {type(mod).__name__}")
+    return frozen
+
+
+def _is_frozen_key(key: str, frozen) -> bool:
+    return any(key.startswith(p + ".") for p in frozen)
+
+
+def _identities(frozen: dict[str, torch.nn.Module]) -> dict[str, str]:
+    if not frozen:
+        return {}
+    from .multi import module_identity
+
+    return {path: module_identity(mod) for path, mod in sorted(frozen.items())}
 
 
 # RNG states as tensors and plain lists, so checkpoint.pt loads with torch.load(weights_only=True).
@@ -268,7 +343,11 @@ class Engine:
         return p == "bf16" and device.type == "cpu"
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, method: Method, train_dataset, eval_dataset=None) -> dict:
+    def fit(self, method: Method, train_dataset, eval_dataset=None, mixer=None) -> dict:
+        """Train ``method`` on ``train_dataset``, evaluate on ``eval_dataset`` after each epoch, and return the
+        report. ``mixer``: a :class:`hubtune.data.augment.BatchMixer` (mixup / cutmix / label smoothing)
+        applied to each labelled training batch as ``mixer(x, y, epoch=e, step=s)``, which makes the targets
+        soft ``(B, C)`` rows (``F.cross_entropy`` takes them as they are)."""
         import torch.distributed as dist
 
         cfg = self.config
@@ -291,6 +370,8 @@ class Engine:
         local_bs = cfg.batch_size // world
         is_main = rank == 0
         out = Path(cfg.out_dir) if cfg.out_dir else None
+        if out is not None and is_main:
+            prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
         bf16 = self._use_bf16(device)
 
         torch.manual_seed(cfg.seed)
@@ -336,37 +417,32 @@ class Engine:
 
         start_epoch, history = 0, []
         ckpt_path = out / "checkpoint.pt" if out else None
+        frozen = _frozen_keys(method)
+        frozen_ids = _identities(frozen) if out is not None else {}
         if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if ck.get("method_name") != method.name:
-                raise ConfigError(f"{ckpt_path} was written by method {ck.get('method_name')!r}, not "
-                                  f"{method.name!r}; resume with the same method or use a new out_dir")
-            method.load_state_dict(ck["method"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            start_epoch, history = int(ck["epoch"]), list(ck.get("history", []))
-            torch.set_rng_state(ck["rng"]["torch"])
-            if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-            np.random.set_state(_numpy_state_in(ck["rng"]["numpy"]))
-            random.setstate(_python_state_in(ck["rng"]["python"]))
-            loader_gen.set_state(ck["rng"]["loader"])
+            start_epoch, history = self._restore(ckpt_path, method, opt, sched, loader_gen, frozen, frozen_ids)
+        method.on_train_start(total_iters)
 
         show_bar = is_main and sys.stderr.isatty()
+        steps_done = 0
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
+            set_epoch(train_dataset, epoch)
             method.on_epoch_start(epoch, cfg.epochs)
             model.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             seen = 0
+            t_epoch = time.perf_counter()
             bar = None
             if show_bar:
                 from tqdm import tqdm
 
                 bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-            for raw in loader:
+            for step, raw in enumerate(loader):
                 batch = _to(_as_batch(raw), device)
                 n = len(batch["input"])
+                if mixer is not None and batch.get("target") is not None:
+                    batch["input"], batch["target"] = mixer(batch["input"], batch["target"], epoch=epoch, step=step)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     terms = model(batch)
                 if "total" not in terms:
@@ -377,30 +453,42 @@ class Engine:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 opt.step()
                 sched.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach().float()) * n
+                steps_done += 1
+                _fault_hook("STEPS", steps_done)
+                for k, v in terms.items():  # on the device: read back once per epoch, not per step
+                    v = v.detach().to(torch.float64) * n
+                    sums[k] = sums[k] + v if k in sums else v
                 seen += n
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
+                    if bar.n % max(1, iters // 10) == 0 or bar.n == iters:
+                        bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
             if bar is not None:
                 bar.close()
             keys = sorted(sums)
-            stats = torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64)
+            stats = torch.stack([sums[k].reshape(()) for k in keys]
+                                + [torch.tensor(float(seen), dtype=torch.float64, device=device)]).cpu()
+            train_seconds = time.perf_counter() - t_epoch
             if world > 1:
+                stats = stats.to(device)
                 dist.all_reduce(stats)
+                stats = stats.cpu()
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"]}
-            rec.update({f"train_{k}": float(stats[i] / stats[-1]) for i, k in enumerate(keys)})
+            rec.update({f"train_{k}": float(v) for k, v in zip(keys, (stats[:-1] / stats[-1]).tolist())})
+            rec["train_images_per_second"] = float(stats[-1]) / max(train_seconds, 1e-9)
             if eval_dataset is not None:
                 rec.update(self._evaluate(method, eval_dataset, device, bf16, local_bs, rank, world))
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
+            if is_main and cfg.verbose:
+                print(epoch_line(rec, cfg.epochs), flush=True)
             if is_main and out is not None:
                 atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-                _atomic_torch_save({
+                atomic_torch_save({
                     "epoch": epoch + 1,
                     "method_name": method.name,
-                    "method": method.state_dict(),
+                    "method": {k: v for k, v in method.state_dict().items() if not _is_frozen_key(k, frozen)},
+                    "frozen": frozen_ids,
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "history": history,
@@ -414,6 +502,7 @@ class Engine:
                     },
                     "config": asdict(cfg),
                 }, ckpt_path)
+                _fault_hook("CHECKPOINT", epoch + 1)
             if world > 1:
                 dist.barrier()
 
@@ -438,6 +527,58 @@ class Engine:
                 dist.destroy_process_group()
         return report
 
+    def _restore(self, path: Path, method: Method, opt, sched, loader_gen, frozen: dict,
+                 frozen_ids: dict) -> tuple[int, list]:
+        """Load ``checkpoint.pt`` into the method, optimizer, scheduler and RNGs; any fault is a
+        :class:`CheckpointError` naming the file and the cure. Returns ``(epoch, history)``."""
+        cure = (f"start again with --overwrite (overwrite=True) or a new --out, or resume from an intact copy of "
+                f"{path.name}")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, foreign pickle, not a file torch can read
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it "
+                                  f"is truncated or not a hubtune checkpoint: {cure}") from None
+        need = ("epoch", "method_name", "method", "optimizer", "scheduler", "rng")
+        if not isinstance(ck, dict) or any(k not in ck for k in need):
+            raise CheckpointError(f"{path} is not a hubtune checkpoint (it lacks "
+                                  f"{', '.join(k for k in need if not isinstance(ck, dict) or k not in ck)}); {cure}")
+        if ck["method_name"] != method.name:
+            raise CheckpointError(f"{path} was written by method {ck['method_name']!r}, not {method.name!r}; resume "
+                                  f"with the same method, or {cure}")
+        try:
+            missing, unexpected = method.load_state_dict(ck["method"], strict=False)
+        except RuntimeError as e:  # a size mismatch
+            raise CheckpointError(f"{path} belongs to another model ({_first_lines(e)}); resume with the model and "
+                                  f"settings it was written with, or {cure}") from None
+        missing = [k for k in missing if not _is_frozen_key(k, frozen)]
+        if missing or unexpected:
+            what = "; ".join(s for s in (
+                f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+                if s)
+            raise CheckpointError(f"{path} belongs to another model (state dict keys differ: {what}); resume with "
+                                  f"the model and settings it was written with, or {cure}")
+        saved_ids = dict(ck.get("frozen") or {})
+        if sorted(saved_ids) != sorted(frozen_ids) or any(saved_ids[p] != frozen_ids[p] for p in saved_ids):
+            differ = sorted(p for p in set(saved_ids) | set(frozen_ids) if saved_ids.get(p) != frozen_ids.get(p))
+            raise CheckpointError(f"{path} was trained with other frozen modules ({', '.join(differ)}: the teacher "
+                                  "differs from the one the checkpoint recorded); resume with the same teacher, or "
+                                  f"{cure}")
+        try:
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            rng = ck["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(_numpy_state_in(rng["numpy"]))
+            random.setstate(_python_state_in(rng["python"]))
+            loader_gen.set_state(rng["loader"])
+            return int(ck["epoch"]), list(ck.get("history", []))
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {_first_lines(e)}); resume "
+                                  f"with the settings it was written with, or {cure}") from None
+
     @torch.no_grad()
     def _evaluate(self, method: Method, dataset, device, bf16: bool, local_bs: int, rank: int, world: int) -> dict:
         import torch.distributed as dist
@@ -447,7 +588,7 @@ class Engine:
             dataset = Subset(dataset, list(range(rank, len(dataset), world)))
         loader = DataLoader(dataset, batch_size=local_bs, shuffle=False,
                             generator=torch.Generator().manual_seed(0), num_workers=self.config.num_workers)
-        loss_sum, correct, count = 0.0, 0.0, 0.0
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: on the device
         for raw in loader:
             batch = _to(_as_batch(raw), device)
             if batch.get("target") is None:
@@ -455,13 +596,27 @@ class Engine:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = method.predict(batch["input"])
             logits, y = logits.float(), batch["target"]
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += float((logits.argmax(1) == y).sum())
-            count += len(y)
+            stats[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            stats[1] += (logits.argmax(1) == y).sum().double()
+            stats[2] += len(y)
         method.train()
-        stats = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
+        stats = stats.cpu()
         if stats[2] == 0:
             return {}
         return {"eval_loss": float(stats[0] / stats[2]), "eval_acc": float(stats[1] / stats[2])}
+
+
+def _first_lines(e: Exception, n: int = 3) -> str:
+    return " ".join(str(e).strip().splitlines()[:n])[:400]
+
+
+def epoch_line(rec: dict, total_epochs: int) -> str:
+    """One line per epoch for stdout: ``epoch 2/5  total=0.41 ce=0.38 ...  eval_acc=0.912  1234 img/s``."""
+    train = " ".join(f"{k[6:]}={v:.4g}" for k, v in rec.items()
+                     if k.startswith("train_") and k != "train_images_per_second" and isinstance(v, float))
+    ev = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float))
+    ips = rec.get("train_images_per_second")
+    return "  ".join(p for p in (f"epoch {rec['epoch']}/{total_epochs}", train, ev,
+                                 f"{ips:.1f} img/s" if ips is not None else "") if p)

@@ -1,5 +1,9 @@
 """Classic fine-tuning with L2-SP, BSS and per-stage learning rates: ``@register_method("finetune")``.
 
+By default this is plain fine-tuning, as in timm and tllib (cross-entropy only): L2-SP and BSS are opt-in
+(``l2sp_alpha``, ``l2sp_beta``, ``bss_eta`` default to 0; e.g. ``--method-arg l2sp_alpha=0.01
+--method-arg l2sp_beta=0.01 --method-arg bss_eta=0.001``, the papers' values).
+
 * **Weight transfer.** The target model is the source timm model with a new classifier
   (``reset_classifier(num_classes)``); every other tensor whose name and shape match is copied, and
   :attr:`FineTune.copy_report` lists what was copied, what is missing from the source, what had a different
@@ -81,8 +85,8 @@ class FineTune(Method):
     """Fine-tune a pretrained timm model (or a spec, loaded by ``load_candidate``) on ``num_classes`` classes."""
 
     def __init__(self, model, num_classes: int, *, freeze_backbone: bool = False,
-                 stage_lr_mults=None, l2sp_alpha: float = 0.01, l2sp_beta: float = 0.01,
-                 bss_eta: float = 0.001, bss_k: int = 1, pretrained: bool = True):
+                 stage_lr_mults=None, l2sp_alpha: float = 0.0, l2sp_beta: float = 0.0,
+                 bss_eta: float = 0.0, bss_k: int = 1, pretrained: bool = True):
         super().__init__()
         if isinstance(model, str):
             from ..hub import load_candidate

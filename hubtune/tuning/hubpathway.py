@@ -17,8 +17,19 @@ is marked *(ours)*.
   ``h(x) = G(x) + eps * softplus(r(x))``, ``eps ~ N(0, I)``, only in training and only with ``noise=True``.
   ``r(x)`` is the generator's second head, zero-initialised (std softplus(0) = 0.69 at the start). A generator
   that returns only the clean logits gets an input-independent learned ``r`` (one value per model, zeros at
-  the start) *(ours)*. Pathway weights ``w(x) = softmax(KeepTopK(h(x), k))``: a softmax over the ``k``
-  largest entries, exactly 0 elsewhere; rows sum to 1. At eval ``h = G(x)``.
+  the start) *(ours)*. Pathway weights: the **full** softmax over all ``K`` (noisy) logits, kept on the
+  ``k`` largest entries and exactly 0 elsewhere, *not* renormalised over the kept ones::
+
+      p(x) = softmax(h(x))        (over all K)
+      w_e(x) = p_e(x) if e in TopK(h(x), k) else 0
+
+  as in Switch routing (Fedus et al., JMLR 2022: ``y = p_i(x) E_i(x)`` for the top-1 expert) *(ours: the paper
+  writes the softmax over the kept logits)*. Why: with a softmax over the ``k`` kept logits alone, ``k = 1``
+  gives ``w = 1`` for every sample, so the prediction does not depend on the generator and the task loss gives
+  it no gradient (only the exploration term trains it). With the full softmax the kept weight ``p_e(x)`` moves
+  with every logit at every ``k``: the task loss raises the probability of a model that predicts a sample well
+  and lowers it otherwise. Rows sum to the probability mass of the kept models (1 when ``k = K``), so the
+  aggregated logits are scaled by it; the heads are linear and learn the scale. At eval ``h = G(x)``.
 * **Pathway routes.** Model ``e`` runs only on the samples whose top-k contains ``e`` (``w[:, e] > 0``
   except for float underflow); a model no sample picks is not called. ``last_routed[e]`` counts them. A
   model routed a *single* sample in training runs its BatchNorm layers on their running statistics for that
@@ -28,7 +39,7 @@ is marked *(ours)*.
   ``predict`` *returns logits that cross-entropy and argmax use directly)*.
 * **Losses** (``total = ce + exploit_weight * exploit + explore_weight * explore``):
 
-  - ``ce = CE(z(x), y)``, the task loss of the aggregated prediction (trains ``G`` through ``w``);
+  - ``ce = CE(z(x), y)``, the task loss of the aggregated prediction (trains ``G`` through ``w``, at every k);
   - ``exploit`` (the paper's exploitation loss, "each model is further trained by specific data that activate
     it"): ``sum_e sum_{x: e in topk(x)} CE(H_e(f_e(A_e(x))), y) / (B * k)``, the mean over the ``B*k``
     activated (sample, model) pairs;
@@ -56,7 +67,7 @@ import torch.nn.functional as F
 from .._io import json_safe, save_state_dict, write_json
 from ..errors import ConfigError
 from .method import register_method
-from .multi import HubModel, InputAdapter, MultiModelMethod, load_models
+from .multi import HubModel, InputAdapter, MultiModelMethod, load_models, penultimate_features
 
 FORMAT = "hubtune-hubpathway-v1"
 
@@ -96,9 +107,7 @@ class _Backbone(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        f = m.forward_head(m.forward_features(x), pre_logits=True)
-        return f.reshape(f.shape[0], -1)
+        return penultimate_features(self.model, x)
 
 
 @contextlib.contextmanager
@@ -215,15 +224,16 @@ class HubPathway(MultiModelMethod):
         """``{"clean": G(x), "logits": h(x), "probs": softmax(h), "mask": top-k membership, "weights": w}``.
 
         ``h = G(x) + eps * softplus(r(x))`` in training with ``noise=True``, else ``G(x)``;
-        ``w = softmax over the top-k entries of h``, 0 elsewhere."""
+        ``w = softmax(h)`` (over all K) on the top-k entries of h, 0 elsewhere (see the module docstring)."""
         clean, raw = self._generator_out(x)
         h = clean
         if self.training and self.noise:
             h = clean + torch.randn_like(clean) * F.softplus(raw)
-        top_v, top_i = h.topk(self.k, dim=1)
-        w = torch.zeros_like(h).scatter(1, top_i, F.softmax(top_v, dim=1))
+        probs = F.softmax(h, dim=1)
+        top_i = h.topk(self.k, dim=1).indices
         mask = torch.zeros_like(h, dtype=torch.bool).scatter(1, top_i, True)
-        return {"clean": clean, "logits": h, "probs": F.softmax(h, dim=1), "mask": mask, "weights": w}
+        w = probs * mask
+        return {"clean": clean, "logits": h, "probs": probs, "mask": mask, "weights": w}
 
     # ---------------------------------------------------------------- routing
     def model_logits(self, e: int, x: torch.Tensor) -> torch.Tensor:

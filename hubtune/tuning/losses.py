@@ -516,8 +516,10 @@ class WarmStartGRL(nn.Module):
 
     so :math:`\lambda(0) = lo` and :math:`\lambda \to hi` as p grows (the paper uses
     :math:`\alpha = 10`, lo = 0, hi = 1). :meth:`step` advances ``iter`` by one; with ``auto_step=True``
-    every training-mode forward call steps after use. ``iter`` is saved in ``state_dict`` (so a resumed
-    run continues the schedule).
+    every training-mode forward call steps after use. ``iter`` and ``max_iters`` are saved in ``state_dict``
+    (so a resumed run continues the schedule). In Ganin's schedule p is the fraction of training done, so
+    ``max_iters`` should be the run's total number of steps: the DANN/CDAN methods set it from the engine
+    (:meth:`~hubtune.tuning.method.Method.on_train_start`), and λ reaches ≈ hi at the end of any run.
 
     Ganin, Lempitsky. *Unsupervised Domain Adaptation by Backpropagation*. ICML 2015.
     """
@@ -546,10 +548,12 @@ class WarmStartGRL(nn.Module):
         return out
 
     def get_extra_state(self):
-        return {"iter_num": self.iter_num}
+        return {"iter_num": self.iter_num, "max_iters": self.max_iters}
 
     def set_extra_state(self, state) -> None:
         self.iter_num = int(state["iter_num"])
+        if "max_iters" in state:  # checkpoints before the run-length schedule hold only iter_num
+            self.max_iters = _check_positive_int(int(state["max_iters"]), "max_iters")
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, lo={self.lo}, hi={self.hi}, max_iters={self.max_iters}, "

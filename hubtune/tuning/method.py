@@ -87,8 +87,21 @@ class Method(torch.nn.Module):
 
         save_timm_folder(self.model_to_save(), out_dir)
 
+    def on_train_start(self, total_steps: int) -> None:
+        """Called by the engine once before the first step (after a resumed checkpoint is restored) with the
+        run's total number of optimizer steps (epochs x steps per epoch); schedules measured in fractions of
+        the run (the GRL warm-up of DANN/CDAN) use it."""
+
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
-        """Called by the engine before each epoch (0-based); schedules such as a GRL warm-up use it."""
+        """Called by the engine before each epoch (0-based)."""
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """Frozen, never-trained submodules (teachers), by attribute path (``{"teacher": self.teacher}``).
+
+        The engine keeps their tensors out of ``checkpoint.pt`` (it records each one's identity instead); on
+        resume the method rebuilds them itself (from its spec, as at the start) and the engine checks that the
+        rebuilt module has the recorded identity. Default: none."""
+        return {}
 
     def hparams(self) -> dict:
         """The method's hyper-parameters, written to ``report.json``."""

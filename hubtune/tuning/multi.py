@@ -1,17 +1,28 @@
-"""What the multi-model methods (``btuning``, ``zootuning``, ``hubpathway``) share: loading a list of hub
-models, feeding one input batch to models that expect other input sizes or normalisations, and taking the
-top-K of a ranking with clear errors.
+"""What the methods that hold more than one model (``kd``, ``btuning``, ``zootuning``, ``hubpathway``) share:
+loading hub models, their penultimate features, their identity, feeding one input batch to models that expect
+other input sizes or normalisations, taking the top-K of a ranking and checking the ranking's dataset.
 
-* :func:`load_models` turns specs, Candidates or timm modules into :class:`HubModel` records.
+* :func:`load_models` / :func:`load_model` turn specs, Candidates or timm modules into :class:`HubModel`
+  records (the one spec-or-module loader).
+* :func:`penultimate_features` is the one penultimate-feature forward (``forward_features`` +
+  ``forward_head(pre_logits=True)``, flattened), exactly as the ranking extracts features.
+* :func:`module_identity` is the one module hash (a cache key for a module given without a hub spec).
 * :class:`InputAdapter` maps a batch normalised for one data config to another: un-normalise with the source
   mean/std, resize (bilinear, antialiased) to the destination ``input_size`` if it differs, normalise with the
   destination mean/std. Identity (the same tensor) when the two configs agree. A design choice: every image is
   decoded and transformed once (by the first model's transform) and adapted on the fly, rather than decoded
   once per model.
-* :func:`ranking_top` reads a ``hubtune rank --out`` folder and returns its best ``k`` specs.
+* :func:`teacher_view_key` is the identity of a teacher *seen through its input view*: the teacher's identity
+  and its data config (and the source config it is adapted from, when the two differ). Teacher caches are
+  keyed by it, so a cache written for one view is never read for another.
+* :func:`ranking_top` reads a ``hubtune rank --out`` folder and returns its best ``k`` specs;
+  :func:`check_ranking_dataset` compares the ranking's ``dataset_info`` with the dataset being tuned.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .method import Method
+
+VIEW_KEYS = ("input_size", "mean", "std")  # what InputAdapter reads of a data config
 
 
 @dataclass
@@ -36,6 +49,47 @@ def _data_config_of(module: torch.nn.Module) -> dict:
     from timm.data import resolve_data_config
 
     return dict(resolve_data_config({}, model=module))
+
+
+def has_data_config(module: torch.nn.Module) -> bool:
+    """The module says how its inputs are prepared (a timm ``pretrained_cfg``); a bare module does not, and is
+    then fed the batch as it comes."""
+    return bool(getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None))
+
+
+def penultimate_features(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features ``(B, D)`` of a timm model: ``flatten(forward_head(forward_features(x),
+    pre_logits=True))``, exactly as the ranking extracted them (``Candidate.forward``)."""
+    f = module.forward_head(module.forward_features(x), pre_logits=True)
+    return f.reshape(f.shape[0], -1)
+
+
+def module_identity(module: torch.nn.Module) -> str:
+    """sha256 of a module's class name and state dict (names, dtypes, shapes, bytes): a cache key. The one
+    module hash of hubtune's tuning code (a hub spec's identity is the Candidate's)."""
+    h = hashlib.sha256(f"hubtune-module-v1\n{type(module).__name__}\n".encode())
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def view_of(data_config: dict | None) -> dict | None:
+    """The part of a data config that decides what a model is fed (``input_size``, ``mean``, ``std``), as
+    plain lists of numbers; None for None."""
+    if data_config is None:
+        return None
+    return {k: [float(v) for v in data_config[k]] for k in VIEW_KEYS if data_config.get(k) is not None}
+
+
+def teacher_view_key(identity: str, teacher_config: dict | None, input_config: dict | None = None) -> str:
+    """The cache key of a teacher seen through its own input view: sha256 of the teacher ``identity``, its
+    view (``teacher_config``) and, when the batches are prepared for another view (``input_config``), that
+    one too (the :class:`InputAdapter` between them is then part of what the teacher computes)."""
+    dst, src = view_of(teacher_config), view_of(input_config)
+    payload = {"identity": identity, "view": dst, "from": src if (dst is not None and src != dst) else None}
+    return hashlib.sha256(("hubtune-teacher-view-v1\n" + json.dumps(payload, sort_keys=True)).encode()).hexdigest()
 
 
 def load_models(models, *, pretrained: bool = True, role: str = "models") -> list[HubModel]:
@@ -67,6 +121,13 @@ def load_models(models, *, pretrained: bool = True, role: str = "models") -> lis
             raise ConfigError(f"{role} item {m!r} is invalid: give a hub spec such as 'resnet18', a Candidate or "
                               "a timm model")
     return out
+
+
+def load_model(model, *, pretrained: bool = True, role: str = "model") -> HubModel:
+    """One spec, Candidate, :class:`HubModel` or nn.Module -> a :class:`HubModel` (see :func:`load_models`)."""
+    if isinstance(model, (list, tuple)):
+        raise ConfigError(f"{role}={model!r} is a list; give one hub spec or timm model")
+    return load_models([model], pretrained=pretrained, role=role)[0]
 
 
 class InputAdapter(torch.nn.Module):
@@ -124,6 +185,94 @@ def ranking_top(ranking, k: int, method: str, *, need_weights: bool = False):
     return ranking, specs
 
 
+# ---------------------------------------------------------------------------------------------- dataset check
+def dataset_info_of(dataset) -> dict | None:
+    """``{"spec", "fingerprint", "base_fingerprint", "num_classes"}`` of the dataset being tuned: an
+    :class:`~hubtune.data.ImageDataset` (a stratified subsample's base is the dataset it was drawn from), a
+    dict with (some of) those keys, or a fingerprint string. None for None."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, str):
+        return {"spec": None, "fingerprint": dataset, "base_fingerprint": None, "num_classes": None}
+    if isinstance(dataset, dict):
+        return {k: dataset.get(k) for k in ("spec", "fingerprint", "base_fingerprint", "num_classes")}
+    fp = getattr(dataset, "fingerprint", None)
+    if fp is None:
+        raise ConfigError(f"dataset={type(dataset).__name__} has no fingerprint: give the training set as an "
+                          "ImageDataset (hubtune.create_dataset), its fingerprint string, or a dict "
+                          "{'fingerprint', 'num_classes'}")
+    root = getattr(dataset, "_root", None)  # a SubsetDataset (stratified subsample) points at its base
+    base = root.fingerprint if root is not None and hasattr(root, "fingerprint") else fp
+    return {"spec": getattr(dataset, "name", None), "fingerprint": fp, "base_fingerprint": base,
+            "num_classes": getattr(dataset, "num_classes", None)}
+
+
+def ranking_dataset_info(ranking) -> dict | None:
+    """The ``dataset_info`` a ranking was made on (``ranking.json``'s top-level key), None for a ranking
+    written before hubtune recorded it."""
+    info = getattr(ranking, "dataset_info", None)
+    if info is None and not hasattr(ranking, "candidates"):
+        path = Path(ranking) / "ranking.json"
+        if path.is_file():
+            info = json.loads(path.read_text()).get("dataset_info")
+    return info if isinstance(info, dict) else None
+
+
+def _describe(info: dict) -> str:
+    parts = [str(info.get("spec") or "an unnamed dataset")]
+    if info.get("split"):
+        parts[0] += f" (split {info['split']})"
+    if info.get("num_classes") is not None:
+        parts.append(f"{info['num_classes']} classes")
+    fp = info.get("base_fingerprint") or info.get("fingerprint")
+    if fp:
+        parts.append(f"fingerprint {str(fp)[:12]}")
+    return ", ".join(parts)
+
+
+def check_ranking_dataset(ranking, dataset, method: str, *, allow_foreign: bool = False) -> None:
+    """Refuse (:class:`~hubtune.errors.ConfigError`) a ranking made on another dataset than ``dataset`` (the
+    training set: see :func:`dataset_info_of`): another number of classes, or another base dataset (the base
+    fingerprints differ; without fingerprints, the specs). A subsample of the same dataset is the same
+    dataset. A ranking without ``dataset_info`` (written by an older hubtune) or no ``dataset`` given: a
+    warning, since nothing can be checked. ``allow_foreign``: warn instead of refusing."""
+    info = ranking_dataset_info(ranking)
+    where = str(ranking) if not hasattr(ranking, "candidates") else "the ranking"
+    if info is None:
+        warnings.warn(f"{method}: {where} does not record the dataset it was ranked on (made by an older hubtune); "
+                      "its LogME weights are assumed to be for the dataset being tuned. Re-run `hubtune rank` "
+                      "to have this checked")
+        return
+    mine = dataset_info_of(dataset)
+    if mine is None:
+        warnings.warn(f"{method}: the dataset being tuned was not given, so the ranking's dataset "
+                      f"({_describe(info)}) is not checked; pass dataset=train_dataset")
+        return
+    why = None
+    if info.get("num_classes") is not None and mine.get("num_classes") is not None \
+            and int(info["num_classes"]) != int(mine["num_classes"]):
+        why = "another number of classes"
+    else:
+        theirs = {info.get("base_fingerprint"), info.get("fingerprint")} - {None}
+        ours = {mine.get("base_fingerprint"), mine.get("fingerprint")} - {None}
+        if theirs and ours:
+            if not theirs & ours:
+                why = "another dataset (the fingerprints differ)"
+        elif info.get("spec") and mine.get("spec") and str(mine["spec"]).split(":")[0].split("[")[0] != \
+                str(info["spec"]).split(":")[0].split("[")[0]:
+            why = "another dataset"
+    if why is None:
+        return
+    msg = (f"{method}: {where} was ranked on {_describe(info)}, but the dataset being tuned is {_describe(mine)}: "
+           f"{why}. Its LogME weights project onto another task's labels. Rank on this dataset "
+           "(`hubtune rank --dataset ... --out DIR`), or, if you mean it, pass "
+           "`--method-arg allow_foreign_ranking=true` (allow_foreign_ranking=True)")
+    if allow_foreign:
+        warnings.warn(msg)
+        return
+    raise ConfigError(msg)
+
+
 class MultiModelMethod(Method):
     """Base of the methods that hold several hub models: ``from_ranking`` takes the top-K of a ranking."""
 
@@ -132,7 +281,9 @@ class MultiModelMethod(Method):
     model_names: list = []  # the specs (or class names) of the models it holds
 
     @classmethod
-    def from_ranking(cls, ranking, top_k: int, num_classes: int, **kwargs):
-        """``cls(top-K specs of ranking, num_classes, **kwargs)``."""
+    def from_ranking(cls, ranking, top_k: int, num_classes: int, *, dataset=None, **kwargs):
+        """``cls(top-K specs of ranking, num_classes, **kwargs)``. ``dataset`` (the training set) is accepted
+        so that every multi-model method is built the same way; the ranking only chooses the models here, so
+        it is not checked against it (B-Tuning, which uses the ranking's LogME weights, does check)."""
         _, specs = ranking_top(ranking, top_k, cls.name)
         return cls(specs, num_classes, **kwargs)
