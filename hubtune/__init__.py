@@ -6,7 +6,8 @@ from .ranking import Ranking, rank  # noqa: E402
 from .scoring import create_estimator, hscore, leep, list_estimators, logme, nce  # noqa: E402
 
 _LAZY = {"load_candidate": "hub", "ModelSpec": "hub", "create_dataset": "data", "ExtractOptions": "features",
-         "tune": "tuning.api", "make_transferable": "tuning.api"}
+         "tune": "tuning.api", "make_transferable": "tuning.api", "create_method": "tuning.method",
+         "list_methods": "tuning.method"}
 
 
 def __getattr__(name):  # torch and timm load only when the hub, data or extraction API is used
@@ -19,4 +20,5 @@ def __getattr__(name):  # torch and timm load only when the hub, data or extract
 
 __all__ = ["errors", "rank", "Ranking", "create_estimator", "list_estimators", "logme", "leep", "nce", "hscore",
            "load_candidate", "ModelSpec", "create_dataset", "ExtractOptions", "tune", "make_transferable",
+           "create_method", "list_methods",
            "__version__"]

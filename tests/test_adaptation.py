@@ -1,4 +1,4 @@
-"""hubtune.tuning.adaptation: DANN / CDAN as methods (loss composition, optimizer groups, GRL schedule,
+"""hubtune.tuning.methods.adaptation: DANN / CDAN as methods (loss composition, optimizer groups, GRL schedule,
 PairedDataset) and a short real run on a synthetic domain shift. Tiny models, CPU, offline."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ timm = pytest.importorskip("timm")
 from hubtune.errors import ConfigError  # noqa: E402
 from hubtune.hub import load_candidate  # noqa: E402
 from hubtune.tuning import METHODS, Engine, TrainConfig  # noqa: E402
-from hubtune.tuning.adaptation import CDAN, DANN, DomainAdversarial, PairedDataset  # noqa: E402
+from hubtune.tuning.methods.adaptation import CDAN, DANN, DomainAdversarial, PairedDataset  # noqa: E402
 from hubtune.tuning.losses import ConditionalDomainAdversarialLoss, DomainAdversarialLoss  # noqa: E402
 
 

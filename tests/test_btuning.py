@@ -18,10 +18,10 @@ from hubtune.errors import ConfigError, TeacherCacheError  # noqa: E402
 from hubtune.features import ExtractOptions  # noqa: E402
 from hubtune.ranking import Ranking  # noqa: E402
 from hubtune.tuning import save_timm_folder  # noqa: E402
-from hubtune.tuning.btuning import BTuning, TeacherEnsemble, mixture_weights  # noqa: E402
+from hubtune.tuning.methods.btuning import BTuning, TeacherEnsemble, mixture_weights  # noqa: E402
 from hubtune.tuning.engine import Engine, TrainConfig  # noqa: E402
-from hubtune.tuning.kd import IndexedDataset, cache_teacher_outputs  # noqa: E402
-from hubtune.tuning.multi import InputAdapter  # noqa: E402
+from hubtune.tuning.teachers import IndexedDataset, cache_teacher_outputs  # noqa: E402
+from hubtune.tuning.models import InputAdapter  # noqa: E402
 
 from conftest import separable  # noqa: E402
 

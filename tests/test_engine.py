@@ -106,13 +106,13 @@ def test_finetune_from_spec():
 
 
 def test_freezing():
-    ft = FineTune(tiny(), 3, freeze_backbone=True)
+    ft = FineTune(tiny(), 3, freeze_backbone=True, l2sp_alpha=0.01)
     trainable = [n for n, p in ft.model.named_parameters() if p.requires_grad]
     assert sorted(trainable) == ["fc.bias", "fc.weight"]
     groups = ft.param_groups(0.1)
     assert len(groups) == 1 and groups[0]["name"] == "head" and len(groups[0]["params"]) == 2
     # nothing to anchor: L2-SP's alpha term has no trainable backbone weight
-    assert ft._w0_keys == {}
+    assert ft.regularizer_modules["l2sp"].names == [] and float(ft.l2sp()) == 0.0
 
 
 def test_stage_lr_multipliers_reach_the_optimizer():

@@ -200,7 +200,7 @@ class TeacherStudent(Method):
 
 
 def test_frozen_modules_stay_out_of_the_checkpoint_and_are_checked_on_resume(tmp_path):
-    from hubtune.tuning.multi import module_identity
+    from hubtune.tuning.models import module_identity
 
     kw = dict(epochs=2, batch_size=12, lr=0.1, seed=0)
     full = TeacherStudent()
@@ -237,7 +237,7 @@ def test_loss_terms_are_read_back_once_per_epoch_not_per_step(monkeypatch):
 # ---------------------------------------------------------------------------------------------- GRL schedule
 def test_grl_warm_up_spans_the_run_and_resumes(tmp_path):
     """Issue 9 defect 5: the coefficient reached only 0.44 at the end of a 94-step run (max_iters=1000)."""
-    from hubtune.tuning.adaptation import DANN, PairedDataset
+    from hubtune.tuning.methods.adaptation import DANN, PairedDataset
     from torch.utils.data import TensorDataset
 
     coeffs = []
@@ -336,7 +336,7 @@ def test_augmentation_on_by_default_seeded_per_epoch_and_off_with_a_switch(tiny_
 
 
 def test_engine_tells_the_training_set_the_epoch_through_wrappers():
-    from hubtune.tuning.adaptation import PairedDataset
+    from hubtune.tuning.methods.adaptation import PairedDataset
     from hubtune.tuning.api import TransformedDataset
 
     class Epochs(torch.utils.data.Dataset):
@@ -444,7 +444,10 @@ def test_unwritable_out_is_refused_before_training(tiny_dir, tmp_path, capsys, m
     blocker = tmp_path / "file"
     blocker.write_text("x")
     loaded = []
-    monkeypatch.setattr(api_mod, "_load", lambda spec: loaded.append(spec) or pytest.fail("loaded a model"))
+    from hubtune.tuning import models as models_mod
+
+    monkeypatch.setattr(models_mod, "load_model",
+                        lambda spec, **kw: loaded.append(spec) or pytest.fail("loaded a model"))
     assert main(base(tiny_dir, blocker / "out")) == 2
     err = capsys.readouterr().err
     assert str(blocker / "out") in err and "writable" in err and not loaded

@@ -1,4 +1,4 @@
-"""hubtune.tuning.hubpathway: noisy top-k gating, sparse routing, logit aggregation, the three losses, errors,
+"""hubtune.tuning.methods.hubpathway: noisy top-k gating, sparse routing, logit aggregation, the three losses, errors,
 an Engine run and the save/load round trip. Tiny timm models at 16-32 px, CPU, offline."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ timm = pytest.importorskip("timm")
 
 from hubtune.errors import ConfigError  # noqa: E402
 from hubtune.tuning.engine import Engine, TrainConfig  # noqa: E402
-from hubtune.tuning.hubpathway import HubPathway, PathwayCNN  # noqa: E402
+from hubtune.tuning.methods.hubpathway import HubPathway, PathwayCNN  # noqa: E402
 from hubtune.tuning.method import METHODS  # noqa: E402
-from hubtune.tuning.multi import HubModel  # noqa: E402
+from hubtune.tuning.models import HubModel  # noqa: E402
 
 from conftest import separable  # noqa: E402
 

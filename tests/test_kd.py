@@ -1,4 +1,4 @@
-"""hubtune.tuning.kd: loss composition, frozen teacher, matchers, teacher_bn, the teacher cache, a real
+"""hubtune.tuning.methods.kd (and hubtune.tuning.teachers): loss composition, frozen teacher, matchers, teacher_bn, the teacher cache, a real
 Engine run and the errors. Tiny MLPs and timm 'test_resnet' at 16 px, CPU, offline."""
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ timm = pytest.importorskip("timm")
 
 from hubtune.errors import ConfigError, TeacherCacheError  # noqa: E402
 from hubtune.tuning import METHODS, Engine, TrainConfig  # noqa: E402
-from hubtune.tuning.kd import (  # noqa: E402
-    IndexedDataset, KnowledgeDistillation, cache_teacher_outputs, module_identity, teacher_cache_key,
-    teacher_cache_path)
+from hubtune.tuning.methods.kd import KnowledgeDistillation  # noqa: E402
+from hubtune.tuning.models import module_identity  # noqa: E402
+from hubtune.tuning.teachers import (  # noqa: E402
+    IndexedDataset, cache_teacher_outputs, teacher_cache_key, teacher_cache_path)
 from hubtune.tuning.losses import DistillationLoss  # noqa: E402
 
 
@@ -293,7 +294,7 @@ def test_teacher_gets_its_own_view_of_the_students_batch():
     from PIL import Image
 
     from hubtune.data import transform_for
-    from hubtune.tuning.multi import InputAdapter
+    from hubtune.tuning.models import InputAdapter
 
     rng = np.random.default_rng(0)
     # smooth images (a blurred pattern) so that resampling differences stay small

@@ -188,7 +188,7 @@ def test_cli_resume_continues_from_the_checkpoint(tiny_dir, tmp_path):
 def test_cli_cache_teacher_then_kd_reads_the_cache(tiny_dir, tmp_path, capsys, monkeypatch):
     import numpy as np
 
-    from hubtune.tuning import kd as kd_mod
+    from hubtune.tuning.methods import kd as kd_mod
 
     teacher = tmp_path / "teacher"
     save_timm_folder(tiny(seed=7), teacher)
@@ -202,7 +202,7 @@ def test_cli_cache_teacher_then_kd_reads_the_cache(tiny_dir, tmp_path, capsys, m
     assert path.startswith(str(cache_dir)) and (cache_dir / (path.rsplit("/", 1)[1] + ".json")).is_file()
 
     forwards = []
-    real_load = kd_mod._load_model
+    real_load = kd_mod.load_teacher
 
     def counting_load(model, role, pretrained):
         hm, cfg = real_load(model, role, pretrained)
@@ -210,7 +210,7 @@ def test_cli_cache_teacher_then_kd_reads_the_cache(tiny_dir, tmp_path, capsys, m
             hm.module.register_forward_hook(lambda *a: forwards.append(1))
         return hm, cfg
 
-    monkeypatch.setattr(kd_mod, "_load_model", counting_load)
+    monkeypatch.setattr(kd_mod, "load_teacher", counting_load)
     out = tmp_path / "kd"
     rc = main(["tune", "--method", "kd", "--teacher", f"local-dir:{teacher}", "--model", f"local-dir:{tiny_dir}",
                "--dataset", "digits", "--max-samples", "40", "--epochs", "1", "--batch-size", "20",

@@ -12,7 +12,7 @@ timm = pytest.importorskip("timm")
 
 from hubtune.errors import ConfigError  # noqa: E402
 from hubtune.tuning import METHODS, Engine, TrainConfig  # noqa: E402
-from hubtune.tuning.zootuning import AdaptiveAggregationConv2d, ZooTuning  # noqa: E402
+from hubtune.tuning.methods.zootuning import AdaptiveAggregationConv2d, ZooTuning  # noqa: E402
 
 from conftest import separable  # noqa: E402
 

@@ -33,8 +33,8 @@ def _training_set(args, data_config, aug):
 
 def _cmd_cache_teacher(args) -> int:
     from ..features.cache import default_cache_dir
-    from ..tuning.kd import cache_teacher_outputs
-    from ..tuning.multi import load_model
+    from ..tuning.models import load_model
+    from ..tuning.teachers import cache_teacher_outputs
 
     if args.epochs is not None and args.epochs < 1:
         raise InputError(f"--epochs {args.epochs} is invalid: give the number of epochs `hubtune tune` will run (>= 1)")
@@ -42,7 +42,7 @@ def _cmd_cache_teacher(args) -> int:
     epochs = (args.epochs or 1) if aug.enabled else 1  # un-augmented images are the same every epoch
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir() / "teachers"
     if args.ranking:  # btuning: the LogME-weighted projection of the top-K, keyed by the whole ensemble
-        from ..tuning.btuning import BTuning
+        from ..tuning.methods.btuning import BTuning
 
         src, _ = _training_set(args, None, aug)
         m = BTuning.from_ranking(args.ranking, args.top_k or 2, src.num_classes, student=args.model, dataset=src)

@@ -135,15 +135,27 @@ def _print_table(rows, metrics) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
+_READS = {"features": "penultimate features (n, D)",
+          "probs": "source-model probabilities (n, Z) (--softmax for logits)",
+          "source_labels": "source-class ids (n,) or the argmax of probabilities/logits"}
+
+
+def _what_they_read() -> str:
+    """What each registered estimator reads, grouped, from its ``input_kind`` (nothing listed by hand)."""
+    groups: dict[str, list[str]] = {}
+    for name in ESTIMATORS.names():
+        groups.setdefault(getattr(ESTIMATORS.get(name), "input_kind", "features"), []).append(name)
+    return "; ".join(f"{', '.join(v)} read{'s' if len(v) == 1 else ''} {_READS.get(k, k)}"
+                     for k, v in groups.items()) + "."
+
+
 def add_parser(sub, lazy: bool = False) -> None:
     names = ESTIMATORS.names()
     sc = sub.add_parser(
         "score", help="score saved features with transferability estimators",
         description="Score features saved as .npy/.npz/.pt against target labels. With no FEATURES, "
                     "scores the embedded default (scikit-learn's digits under three feature extractors). "
-                    f"Estimators: {', '.join(names)}. logme and hscore read features; leep reads source-"
-                    "model probabilities (use --softmax for logits); nce reads source-class ids or the "
-                    "argmax of probabilities/logits. Files are read in blocks (.npy and uncompressed .npz "
+                    f"Estimators: {', '.join(names)}. {_what_they_read()} Files are read in blocks (.npy and uncompressed .npz "
                     "memory-mapped, compressed .npz decompressed as a stream), so memory stays bounded "
                     "whatever their size. Without --regression/--multilabel the task is decided from the "
                     "labels (integral values: classes).")

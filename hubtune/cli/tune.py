@@ -13,11 +13,33 @@ AUGMENT_OPTIONS = {"auto_augment": "auto_augment", "mixup": "mixup", "cutmix": "
 
 
 def _registered_methods() -> list[str]:
-    from ..tuning.api import _ensure_registered
     from ..tuning.method import METHODS
 
-    _ensure_registered()
     return METHODS.names()
+
+
+def methods_help() -> str:
+    """One block per registered method: what it takes (from its declaration) and its settings, for the
+    epilog of ``hubtune tune --help``."""
+    import textwrap
+
+    from ..tuning.method import METHODS
+
+    lines = ["method settings (--method-arg NAME=VALUE, repeatable, the value read as YAML; or method_args: in "
+             "--config):"]
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        takes = ["--target-dataset" if cls.inputs == "paired" else None,
+                 "--ranking --top-k or --models" if cls.models == "many" else None,
+                 "--teacher" if cls.teachers else None]
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        head = f"  {name}" + (f" ({', '.join(t for t in takes if t)})" if any(takes) else "")
+        line = f"{head}: {doc}" if doc else head
+        lines.append(line if len(line) <= 118 else line[:115] + "...")
+        for sname, setting in cls.all_settings().items():
+            lines.extend(textwrap.wrap(setting.describe(sname), 116, initial_indent="      ",
+                                       subsequent_indent="        "))
+    return "\n".join(lines)
 
 
 def _cmd_tune(args) -> int:
@@ -80,17 +102,23 @@ def _cmd_tune(args) -> int:
 
 
 def add_parser(sub, lazy: bool = False) -> None:
+    import argparse
+    import textwrap
+
     methods = [] if lazy else _registered_methods()
     tu = sub.add_parser(
         "tune", help="tune a model with a registered method (" + ", ".join(methods) + ")",
-        description="Train with one registered method on a dataset and write the tuned model (timm folder: "
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=None if lazy else methods_help(),
+        description=textwrap.fill("Train with one registered method on a dataset and write the tuned model (timm folder: "
                     "model.safetensors + config.json, loadable as local-dir:OUT), report.json, metrics.jsonl and "
-                    f"a resumable checkpoint.pt to OUT. Methods: {', '.join(methods)}. dann/cdan need "
-                    "--target-dataset (unlabelled train split; evaluated on its test split). btuning, zootuning "
-                    "and hubpathway take their models from --ranking DIR --top-k K (or --models A,B,C; btuning "
-                    "needs the ranking's LogME weights). Every option can "
+                    f"a resumable checkpoint.pt to OUT. Methods: {', '.join(methods)} (below: what each takes and "
+                    "its settings). A paired method needs --target-dataset (unlabelled train split; evaluated on "
+                    "its test split); a method of several models takes them from --ranking DIR --top-k K (or "
+                    "--models A,B,C). Every option can "
                     "be set in --config FILE.yaml (keys as the options, with '_' for '-', plus any TrainConfig "
-                    "field and 'method_args:'); the command line overrides the file.")
+                    "field and 'method_args:'); the command line overrides the file. New methods: a file in "
+                    "hubtune/tuning/methods/, a module named in HUBTUNE_PLUGINS, or a 'hubtune.methods' entry point.",
+                    118))
     tu.add_argument("--method", help=f"one of: {', '.join(methods)}")
     tu.add_argument("--model", help="model spec (e.g. resnet18, local-dir:PATH, hf-hub:ORG/NAME)")
     tu.add_argument("--models", action="append", metavar="A,B,...",
@@ -136,5 +164,5 @@ def add_parser(sub, lazy: bool = False) -> None:
     tu.add_argument("--device", help="cpu, cuda, cuda:N (default: auto)")
     tu.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     tu.add_argument("--method-arg", action="append", metavar="NAME=VALUE",
-                    help="a method keyword argument (repeatable), e.g. --method-arg trade_off=0.5")
+                    help="a method setting (repeatable), e.g. --method-arg trade_off=0.5; each method's are listed below")
     tu.set_defaults(func=_cmd_tune)

@@ -13,9 +13,18 @@ from .hscore import HScore, HScoreResult, ShrunkHScore, hscore
 from .leep import LEEP, LEEPResult, leep
 from .logme import LogME, LogMEResult, logme
 from .nce import NCE, NCEResult, nce
+from .etran import ETran, ETranResult, etran
+from .gbc import GBC, GBCResult, gbc
+from .nleep import NLEEP, NLEEPResult, nleep
+from .parc import PARC, PARCResult, parc
+from .sfda import SFDA, SFDAResult, sfda
+from .transrate import TransRate, TransRateProj, TransRateResult, transrate
 
 __all__ = [
     "ESTIMATORS", "Accumulator", "ScoreResult", "create_estimator", "list_estimators", "register_estimator",
     "LogME", "LogMEResult", "logme", "LEEP", "LEEPResult", "leep", "NCE", "NCEResult", "nce",
     "HScore", "ShrunkHScore", "HScoreResult", "hscore",
+    "TransRate", "TransRateProj", "TransRateResult", "transrate", "ETran", "ETranResult", "etran",
+    "NLEEP", "NLEEPResult", "nleep", "SFDA", "SFDAResult", "sfda", "PARC", "PARCResult", "parc",
+    "GBC", "GBCResult", "gbc",
 ]

@@ -11,8 +11,14 @@ for your own training loop.
 Settings are resolved as ``TrainConfig`` defaults <- ``config`` (a dict or a YAML file) <- explicit arguments.
 A config may hold any :class:`~hubtune.tuning.engine.TrainConfig` field (``epochs``, ``batch_size``, ``lr``,
 ``optimizer``, ``seed``, ...), any of ``tune``'s own arguments (:data:`TUNE_KEYS`) and ``method_args:`` (a
-mapping of the method's keyword arguments); any other key, and any method argument the method does not take,
-is an error that names it.
+mapping of the method's settings); any other key, and any setting the method does not declare
+(:attr:`Method.settings <hubtune.tuning.method.Method>`), is an error that names it.
+
+**No method is special here.** What a method takes is read from its declaration (:mod:`hubtune.tuning.method`):
+``inputs`` (one dataset, or a labelled source and an unlabelled ``target_dataset``), ``models`` (one, or the
+top-K), ``teachers`` (``teacher=`` fills the first), ``needs_index`` (the training set is wrapped in
+:class:`~hubtune.tuning.teachers.IndexedDataset`), ``settings``; the method is built by its own
+:meth:`~hubtune.tuning.method.Method.from_settings`.
 
 **Reproducible.** ``seed`` (TrainConfig's) seeds Python's, NumPy's and torch's generators before the model is
 loaded and the method built, so new heads, feature matchers, discriminators and gates are drawn from it, as
@@ -33,10 +39,8 @@ transform; ``augment={"auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8}`` se
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +48,16 @@ import torch
 
 from ..errors import ConfigError, OutputError, TooFewClassesError
 from .engine import Engine, TrainConfig, prepare_out_dir
-from .method import METHODS, Method
+from .method import METHODS, Method, MethodContext, create_method, seed_everything
 
-__all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "ADAPTATION_METHODS",
-           "TUNE_KEYS", "EVAL_FRACTION", "model_and_transform", "train_dataset", "eval_dataset_for",
-           "augment_config", "seed_everything"]
+__all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "TUNE_KEYS", "EVAL_FRACTION",
+           "model_and_transform", "train_dataset", "eval_dataset_for", "augment_config", "seed_everything"]
 
-#: methods trained on (labelled source, unlabelled target) pairs and evaluated on the target's test split
-ADAPTATION_METHODS = ("dann", "cdan")
 TUNE_KEYS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
              "num_classes", "max_samples", "data_dir", "out", "resume", "overwrite", "augment", "method_args")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 #: the share of an image folder held out (stratified, seeded) for evaluation when it has no test split
 EVAL_FRACTION = 0.2
-
-
-def _ensure_registered() -> None:
-    """Import every method module so that METHODS is complete."""
-    from . import adaptation, btuning, finetune, hubpathway, kd, zootuning  # noqa: F401
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -81,13 +77,6 @@ class TransformedDataset(torch.utils.data.Dataset):
         fn = getattr(self.dataset, "set_epoch", None)
         if callable(fn):
             fn(epoch)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch's generators (CPU and CUDA) from ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def load_tune_config(config) -> dict:
@@ -120,67 +109,16 @@ def load_tune_config(config) -> dict:
     return data
 
 
-def _params(fn) -> dict:
-    try:
-        return dict(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return {}
-
-
-def _accepts(cls, name: str) -> bool:
-    params = _params(cls.__init__)
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _has_param(cls, name: str) -> bool:
-    """``name`` is a named parameter of the method's constructor (not merely swallowed by ``**kwargs``)."""
-    return name in _params(cls.__init__)
-
-
-def _requires(cls, name: str) -> bool:
-    """``name`` is a parameter of the method's constructor without a default."""
-    p = _params(cls.__init__).get(name)
-    return p is not None and p.default is inspect.Parameter.empty
-
-
-def _check_method_args(cls, margs: dict, *also) -> None:
-    """Refuse (:class:`ConfigError`) a method argument the method does not take, listing those it takes.
-    ``also``: further callables whose named parameters are accepted too (``from_ranking``)."""
-    accepted, open_ended = [], False
-    for fn in (cls.__init__,) + also:
-        for name, p in _params(fn).items():
-            if p.kind is p.VAR_KEYWORD:
-                open_ended = open_ended or fn is cls.__init__
-            elif p.kind is not p.VAR_POSITIONAL and name not in ("self", "cls", "model", "models", "ranking",
-                                                                  "top_k") and name not in accepted:
-                accepted.append(name)
-    if open_ended:
-        return
-    unknown = sorted(set(margs) - set(accepted))
-    if unknown:
-        raise ConfigError(f"method {cls.name!r} has no argument {', '.join(repr(u) for u in unknown)} "
-                          f"(--method-arg / method_args); it accepts: {', '.join(accepted)}")
-
-
 def make_transferable(model, method: str, **kwargs) -> Method:
-    """The registered method ``method`` built around ``model`` (a timm model or a spec): call
-    ``m.losses(batch)`` in your own loop to get ``{"total": ..., term: ...}`` and back-propagate ``"total"``;
+    """The registered method ``method`` built around ``model`` (a timm model or a spec), for your own training
+    loop: call ``m.losses(batch)`` to get ``{"total": ..., term: ...}`` and back-propagate ``"total"``;
     ``m.predict(x)`` gives logits, ``m.param_groups(lr)`` the optimizer groups (discriminators, feature
-    matchers and heads included), ``m.model_to_save()`` the tuned timm model. ``kwargs`` go to the method
-    (``num_classes``, ``teacher``, ``trade_off``, ...); an argument the method does not take is a
-    :class:`ConfigError` listing those it takes. ``seed=N`` seeds every generator first (and reaches a method
-    that takes ``seed``), so the new head and the other new parts are reproducible."""
-    _ensure_registered()
-    cls = METHODS.get(method)
-    seed = kwargs.pop("seed", None)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed={seed!r} is invalid: give a whole number")
-        seed_everything(seed)
-        if _has_param(cls, "seed"):
-            kwargs["seed"] = seed
-    _check_method_args(cls, kwargs)
-    return cls(model, **kwargs)
+    matchers and heads included), ``m.model_to_save()`` the tuned timm model. ``kwargs`` as
+    :func:`~hubtune.tuning.method.create_method` takes them (``num_classes``, ``teacher``, ``seed``, and the
+    method's settings such as ``trade_off``); a setting the method does not declare is a :class:`ConfigError`
+    listing those it takes. ``seed=N`` seeds every generator first, so the new head and the other new parts are
+    reproducible."""
+    return create_method(method, model=model, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -276,25 +214,14 @@ def _check_classes(ds, spec) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _load(spec) -> tuple:
-    """``(module, data_config, spec_name)`` of a spec or a timm module."""
-    if isinstance(spec, torch.nn.Module):
-        from timm.data import resolve_data_config
-
-        return spec, dict(resolve_data_config({}, model=spec)), type(spec).__name__
-    from ..hub import load_candidate
-
-    cand = load_candidate(spec)
-    return cand.module, dict(cand.data_config), cand.spec
-
-
 def model_and_transform(spec) -> tuple:
     """``(module, transform, spec_name)`` for a spec or a timm module: the candidate's evaluation transform
     (``transform_for(data_config)``), the one :func:`tune` evaluates with."""
     from ..data import transform_for
+    from .models import load_model
 
-    module, data_config, spec_name = _load(spec)
-    return module, transform_for(data_config), spec_name
+    hm = load_model(spec)
+    return hm.module, transform_for(hm.data_config), hm.name
 
 
 def augment_config(augment=None):
@@ -336,17 +263,17 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
          **method_kwargs) -> dict:
     """Tune a model with a registered method and return the Engine's report (also ``OUT/report.json``).
 
-    The model is ``model`` (a spec or a timm model) or, with ``ranking`` (a ``hubtune rank --out`` folder), the
-    ranking's best. A method that distils from a teacher (``kd``) given ``ranking``: the teacher is
-    ``teacher=`` (e.g. ``local-dir:`` of a tuned folder) or else the ranking's top-1 **fine-tuned on**
-    ``dataset`` first (a ``finetune`` run in ``OUT/teacher/``, reused when that folder holds a complete run of
-    the same model and dataset); the student is ``model=`` or else the best-ranked model other than that
-    teacher's source, and no larger than ``max_student_params`` (a method argument) when given. Data, seeding
-    and augmentation: see the module docstring. Output: ``out`` must not hold a run unless ``resume`` (continue
-    it) or ``overwrite`` (replace hubtune's files in it); it is checked to be writable before any model is
-    loaded. Settings: TrainConfig defaults <- ``config`` <- ``train`` (a dict of TrainConfig fields) <- the
-    explicit arguments; ``method_kwargs`` (over ``config["method_args"]``) go to the method."""
-    _ensure_registered()
+    The model is ``model`` (a spec or a timm model; a list for a method of several models) or, with ``ranking``
+    (a ``hubtune rank --out`` folder), the ranking's best (its top ``top_k`` for a method of several models). A
+    method with a teacher (``kd``) given ``ranking``: the teacher is ``teacher=`` (e.g. ``local-dir:`` of a tuned
+    folder) or else the ranking's top-1 **fine-tuned on** ``dataset`` first (a ``finetune`` run in
+    ``OUT/teacher/``, reused when that folder holds a complete run of the same model and dataset); the student
+    is ``model=`` or else the best-ranked model other than that teacher's source, and no larger than
+    ``max_student_params`` (a setting) when given. Data, seeding and augmentation: see the module docstring.
+    Output: ``out`` must not hold a run unless ``resume`` (continue it) or ``overwrite`` (replace hubtune's files
+    in it); it is checked to be writable before any model is loaded. Settings: TrainConfig defaults <-
+    ``config`` <- ``train`` (a dict of TrainConfig fields) <- the explicit arguments; ``method_kwargs`` (over
+    ``config["method_args"]``) are the method's settings."""
     cfg = load_tune_config(config)
     explicit = {"method": method, "model": model, "ranking": ranking, "top_k": top_k, "teacher": teacher,
                 "dataset": dataset, "target_dataset": target_dataset, "eval_dataset": eval_dataset,
@@ -360,122 +287,100 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
         s["model"] = None
     margs = dict(cfg.get("method_args") or {})
     margs.update(method_kwargs)
-    tcfg = {}
-    if s["method"] and s["method"] in METHODS:
-        tcfg.update(METHODS.get(s["method"]).train_defaults)
+    if not s["method"]:
+        raise ConfigError(f"no method given; choose one of: {', '.join(METHODS.names())}")
+    cls = METHODS.get(s["method"])
+    tcfg = dict(cls.train_defaults)
     tcfg.update({k: cfg[k] for k in TRAIN_KEYS if k in cfg})
     tcfg.update(train or {})
     tcfg.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
                                    "precision": precision, "seed": seed}.items() if v is not None})
 
-    if not s["method"]:
-        raise ConfigError(f"no method given; choose one of: {', '.join(METHODS.names())}")
-    cls = METHODS.get(s["method"])
     if not s["dataset"]:
         raise ConfigError("no dataset given; pass dataset= (a registered name or 'imagefolder:PATH')")
     s["max_samples"] = _check_max_samples(s["max_samples"])
-    adapt = s["method"] in ADAPTATION_METHODS
-    if adapt and not s["target_dataset"]:
+    paired = cls.inputs == "paired"
+    if paired and not s["target_dataset"]:
         raise ConfigError(f"method {s['method']!r} adapts to a target domain: pass target_dataset= "
                           "(its train split gives unlabelled images, its test split the evaluation)")
+    if not paired and s["target_dataset"]:
+        raise ConfigError(f"method {s['method']!r} does not adapt between domains; drop target_dataset=")
+    if s["teacher"] is not None and not cls.teachers:
+        raise ConfigError(f"method {s['method']!r} takes no teacher; drop teacher= or use a distillation method")
+    settings = cls.resolve_settings(margs)  # validated before anything heavy is loaded
     if s["out"]:
         tcfg["out_dir"] = str(s["out"])
     if s["resume"] is not None:
         tcfg["resume"] = bool(s["resume"])
     if s["overwrite"] is not None:
         tcfg["overwrite"] = bool(s["overwrite"])
-    multi = getattr(cls, "multi_model", False)
-    distils = not multi and _has_param(cls, "teacher")
-    max_student = margs.pop("max_student_params", None) if distils else None
-    if max_student is not None and (isinstance(max_student, bool) or not isinstance(max_student, int)
-                                    or max_student < 1):
-        raise ConfigError(f"max_student_params={max_student!r} is invalid: give a whole number of parameters >= 1")
-    if multi:
-        _check_method_args(cls, margs, cls.from_ranking)
-    else:
-        _check_method_args(cls, margs)
     aug = augment_config(s["augment"])
-    train_config = TrainConfig(**tcfg)  # validated before anything heavy is loaded
+    train_config = TrainConfig(**tcfg)
     if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
         prepare_out_dir(train_config.out_dir, resume=train_config.resume, overwrite=train_config.overwrite)
     seed = train_config.seed
-    if multi:
-        seed_everything(seed)
-        return _tune_multi(cls, s, margs, train_config, aug)
-    if s["model"] is not None and s["ranking"] and not distils:
-        raise ConfigError("give either model= or ranking=, not both")
 
-    extra = {}
-    if distils and s["ranking"]:
-        spec, teacher_spec, extra = _distillation_pair(s, max_student, train_config, aug)
-    else:
-        if s["model"] is not None:
-            spec = s["model"]
-        elif s["ranking"]:
-            from ..ranking import Ranking
+    # ---- the images, before any transform (the method's data config decides those)
+    src_ds, _ = train_dataset(s["dataset"], None, data_dir=s["data_dir"], max_samples=s["max_samples"], seed=seed,
+                              eval_dataset=s["eval_dataset"], hold_out=False if paired else None)
+    _check_classes(src_ds, s["dataset"])
+    tgt_ds = None
+    if paired:  # a source domain is not evaluated, so nothing of it is held out
+        tgt_ds, _ = train_dataset(s["target_dataset"], None, data_dir=s["data_dir"], max_samples=s["max_samples"],
+                                  seed=seed, eval_dataset=s["eval_dataset"])
+        if tgt_ds.num_classes != src_ds.num_classes:
+            raise ConfigError(
+                f"source {s['dataset']!r} has {src_ds.num_classes} classes but target {s['target_dataset']!r} has "
+                f"{tgt_ds.num_classes}; domain adaptation needs the same label set in both domains")
+    n_classes = int(s["num_classes"] or src_ds.num_classes)
 
-            k = int(s["top_k"] or 1)
-            spec = Ranking.load(s["ranking"]).top(k)[0]
-        else:
-            raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
-                              "ranking= (a `hubtune rank --out` folder) with top_k=")
-        teacher_spec = s["teacher"]
-    if teacher_spec is None and _requires(cls, "teacher"):
-        raise ConfigError(f"method {s['method']!r} needs a teacher: pass teacher= (--teacher SPEC, e.g. "
-                          "local-dir: of a model tuned on this dataset), or ranking= (--ranking DIR: its top-1 is "
-                          "fine-tuned on the dataset and becomes the teacher)")
-    if teacher_spec is not None and not _accepts(cls, "teacher"):
-        raise ConfigError(f"method {s['method']!r} takes no teacher; drop teacher= or use a distillation method")
-
+    # ---- the method, built by itself from the declared settings
+    ctx = MethodContext(method=s["method"], model=s["model"], num_classes=n_classes, ranking=s["ranking"],
+                        top_k=s["top_k"], dataset=src_ds, seed=seed, settings=settings,
+                        teachers={cls.teachers[0]: s["teacher"]} if cls.teachers and s["teacher"] is not None
+                        else {},
+                        tune_teacher=lambda spec: _tune_teacher(s, spec, train_config, aug))
     seed_everything(seed)  # before the model is loaded and the method built: heads, matchers, ... are seeded
-    module, data_config, spec_name = _load(spec)
+    m = cls.from_settings(ctx)
+    if not isinstance(m, Method):
+        raise ConfigError(f"method {s['method']!r}: from_settings returned {type(m).__name__}, not a Method")
+    if not m.data_config:
+        raise ConfigError(f"method {s['method']!r} did not set data_config (the data config its batches are "
+                          "prepared with), so no transform can be built for it")
+
+    # ---- transforms from the method's data config, then the datasets the engine reads
     from ..data import transform_for
     from ..data.augment import train_transform_for
 
-    eval_transform = transform_for(data_config)
-    train_transform = train_transform_for(data_config, aug) if aug.enabled else eval_transform
-    ev_default = s["target_dataset"] if adapt else s["dataset"]
-    src_ds, train_ds = train_dataset(s["dataset"], train_transform, data_dir=s["data_dir"],
-                                     max_samples=s["max_samples"], seed=seed, eval_dataset=s["eval_dataset"],
-                                     hold_out=False if adapt else None)  # a source domain is not evaluated
-    _check_classes(src_ds, s["dataset"])
-    if adapt:
-        from .adaptation import PairedDataset
+    eval_transform = transform_for(m.data_config)
+    train_transform = train_transform_for(m.data_config, aug) if aug.enabled else eval_transform
+    train_ds = _wrap(src_ds, train_transform, seed)
+    if paired:
+        from .methods.adaptation import PairedDataset
 
-        tgt_src, tgt_train = train_dataset(s["target_dataset"], train_transform, data_dir=s["data_dir"],
-                                           max_samples=s["max_samples"], seed=seed, eval_dataset=s["eval_dataset"])
-        if tgt_src.num_classes != src_ds.num_classes:
-            raise ConfigError(
-                f"source {s['dataset']!r} has {src_ds.num_classes} classes but target {s['target_dataset']!r} has "
-                f"{tgt_src.num_classes}; domain adaptation needs the same label set in both domains")
-        train_ds = PairedDataset(train_ds, tgt_train, seed=seed)
-    _, eval_ds = eval_dataset_for(ev_default, eval_transform, data_dir=s["data_dir"], seed=seed,
-                                  eval_dataset=s["eval_dataset"])
-
-    n_classes = int(s["num_classes"] or src_ds.num_classes)
-    if _accepts(cls, "num_classes"):
-        margs.setdefault("num_classes", n_classes)
-    if _has_param(cls, "seed"):
-        margs.setdefault("seed", seed)
-    if teacher_spec is not None:
-        margs["teacher"] = teacher_spec
-    m = cls(module, **margs)
+        train_ds = PairedDataset(train_ds, _wrap(tgt_ds, train_transform, seed), seed=seed)
+    _, eval_ds = eval_dataset_for(s["target_dataset"] if paired else s["dataset"], eval_transform,
+                                  data_dir=s["data_dir"], seed=seed, eval_dataset=s["eval_dataset"])
+    m.prepare(train_ds, device=train_config.device)
     mixer = _mixer(aug, n_classes, seed)
-    if mixer is not None and getattr(m, "cache_path", None) is not None and aug.mixing:
-        raise ConfigError("mixup/cutmix mix images across a batch, so a teacher cache written per image cannot "
-                          "be replayed: run the teacher live (cache_teacher=false) or drop mixup/cutmix")
-    extra.update({"model": spec_name, "dataset": str(s["dataset"]), "augment": json.loads(aug.key())})
-    if adapt:
+    if mixer is not None and m.needs_index and aug.mixing:
+        raise ConfigError("mixup/cutmix mix images across a batch, so teacher outputs cached per image cannot be "
+                          "replayed: run the teacher live (cache_teacher=false) or drop mixup/cutmix")
+    extra = {"model": m.model_name or type(m).__name__, "dataset": str(s["dataset"]),
+             "augment": json.loads(aug.key())}
+    if s["ranking"]:
+        extra["ranking"] = str(s["ranking"])
+    if paired:
         extra["target_dataset"] = str(s["target_dataset"])
-    return _fit(m, train_ds, eval_ds, train_config, extra, index=not adapt, mixer=mixer)
+    extra.update(ctx.report)
+    return _fit(m, train_ds, eval_ds, train_config, extra, mixer=mixer)
 
 
-def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, index: bool = True,
-         mixer=None) -> dict:
+def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, mixer=None) -> dict:
     """Run the Engine and return its report with ``extra`` added (rewritten to ``OUT/report.json``). A method
-    reading a teacher cache gets ``batch["index"]`` (``index``: the items are not pairs of domains)."""
-    if index and getattr(m, "cache_path", None) is not None:
-        from .kd import IndexedDataset
+    that ``needs_index`` (reads per-sample teacher outputs) gets ``batch["index"]``."""
+    if m.needs_index:
+        from .teachers import IndexedDataset
 
         train_ds = IndexedDataset(train_ds)
     report = Engine(train_config).fit(m, train_ds, eval_ds, mixer=mixer)
@@ -487,128 +392,34 @@ def _fit(m: Method, train_ds, eval_ds, train_config: TrainConfig, extra: dict, i
     return report
 
 
-# ---------------------------------------------------------------------------------------------- kd + ranking
-def _distillation_pair(s: dict, max_student, train_config: TrainConfig, aug) -> tuple:
-    """``(student spec, teacher spec, report extras)`` for a distillation method given a ranking."""
-    from ..ranking import Ranking
-
-    folder = Path(s["ranking"])
-    if not (folder / "ranking.json").is_file():
-        raise ConfigError(f"ranking={str(folder)!r} is not a `hubtune rank --out` folder (no ranking.json); run "
-                          "`hubtune rank --out DIR` first")
-    if s["top_k"] not in (None, 1):
-        raise ConfigError(f"method {s['method']!r} distils from one teacher, the ranking's top-1 fine-tuned on the "
-                          f"dataset; top_k={s['top_k']!r} has no meaning here: drop it (--top-k)")
-    ranking = Ranking.load(folder)
-    cands = list(ranking.candidates)
-    if not cands:
-        raise ConfigError(f"the ranking in {folder} holds no candidates; rank some models first")
-    extra = {"ranking": str(folder)}
-    teacher_source = None
-    if s["teacher"] is not None:
-        teacher_spec = s["teacher"]
-        extra["teacher"] = str(teacher_spec)
-    else:
-        teacher_source = cands[0].spec
-        teacher_spec = _teacher_run(s, teacher_source, train_config, aug)
-        extra.update(teacher=teacher_spec, teacher_source=teacher_source)
-    if s["model"] is not None:
-        return s["model"], teacher_spec, extra
-    pool = [c for c in cands if c.spec != teacher_source]
-    if max_student is not None:
-        sized = []
-        for c in pool:
-            n = int(c.num_params or 0)
-            if n <= 0:  # an older ranking without sizes: count them
-                from ..hub import load_candidate
-
-                n = int(load_candidate(c.spec).num_params)
-            sized.append((c, n))
-        fits = [c for c, n in sized if n <= max_student]
-        if not fits:
-            sizes = ", ".join(f"{c.spec} ({n / 1e6:.2f}M)" for c, n in sized) or "none"
-            raise ConfigError(f"no ranked model other than the teacher has at most max_student_params={max_student} "
-                              f"parameters (candidates: {sizes}); raise max_student_params or pass model=")
-        pool = fits
-    if not pool:
-        raise ConfigError(f"the ranking in {folder} holds only the teacher's model ({teacher_source}); pass the "
-                          "student with model= (--model), or rank more models")
-    return pool[0].spec, teacher_spec, extra
-
-
-def _teacher_run(s: dict, source_spec: str, train_config: TrainConfig, aug) -> str:
+def _tune_teacher(s: dict, source_spec: str, train_config: TrainConfig, aug) -> str:
     """``local-dir:OUT/teacher``: ``source_spec`` fine-tuned on the dataset, reused when that folder holds a
-    complete run of the same model and dataset (``overwrite`` retrains it)."""
+    complete run of the same model and dataset (``overwrite`` retrains it). The context service
+    :attr:`MethodContext.tune_teacher`; every generator is seeded again afterwards, so the method is built from
+    the same state whether the teacher was trained now or reused."""
     if not train_config.out_dir:
         raise ConfigError("the teacher is the ranking's top-1 fine-tuned first, into OUT/teacher: pass out= "
                           "(--out), or give the tuned teacher with teacher= (--teacher local-dir:PATH)")
     tdir = Path(train_config.out_dir) / "teacher"
     done = all((tdir / f).is_file() for f in ("report.json", "model.safetensors", "config.json"))
-    if done and not train_config.overwrite:
-        try:
-            rep = json.loads((tdir / "report.json").read_text())
-        except (OSError, ValueError):
-            rep = {}
-        if rep.get("model") == source_spec and rep.get("dataset") == str(s["dataset"]):
-            return f"local-dir:{tdir}"
-        raise OutputError(f"{tdir} holds a teacher tuned from {rep.get('model')!r} on {rep.get('dataset')!r}, not "
-                          f"{source_spec!r} on {str(s['dataset'])!r}; pass --overwrite (overwrite=True) to retrain "
-                          "it, or choose a new --out")
-    resume = (tdir / "checkpoint.pt").is_file() and not train_config.overwrite
-    train = {k: v for k, v in dataclasses.asdict(train_config).items()
-             if k not in ("out_dir", "resume", "overwrite")}
-    tune("finetune", model=source_spec, dataset=s["dataset"], eval_dataset=s["eval_dataset"],
-         num_classes=s["num_classes"], max_samples=s["max_samples"], data_dir=s["data_dir"], out=tdir,
-         resume=resume, overwrite=bool(train_config.overwrite) and not resume,
-         augment=dataclasses.asdict(aug), train=train)
-    return f"local-dir:{tdir}"
-
-
-# ---------------------------------------------------------------------------------------------- multi
-def _tune_multi(cls, s: dict, margs: dict, train_config: TrainConfig, aug) -> dict:
-    """:func:`tune` for a method that holds several models (``cls.multi_model``): built from the top-K of the
-    ranking (``btuning``: the teachers; ``model=`` then names the student) or from ``model=`` as a list."""
-    from ..data import transform_for
-    from ..data.augment import train_transform_for
-
-    if s["target_dataset"]:
-        raise ConfigError(f"method {s['method']!r} does not adapt between domains; drop target_dataset=")
-    if s["teacher"] is not None:
-        raise ConfigError(f"method {s['method']!r} takes its teachers from ranking= (top_k=), not teacher=")
-    seed = train_config.seed
-    src_ds, _ = train_dataset(s["dataset"], None, data_dir=s["data_dir"], max_samples=s["max_samples"], seed=seed,
-                              eval_dataset=s["eval_dataset"])
-    _check_classes(src_ds, s["dataset"])
-    n_classes = int(s["num_classes"] or src_ds.num_classes)
-    if s["ranking"]:
-        if s["model"] is not None and "student" not in _params(cls.from_ranking):
-            raise ConfigError(f"method {s['method']!r} takes its models from ranking= (top_k=) or from model= (a "
-                              "list of specs), not both")
-        if s["model"] is not None:
-            margs.setdefault("student", s["model"])
-        if "dataset" in _params(cls.from_ranking):  # the ranking's dataset is checked against this one
-            margs.setdefault("dataset", src_ds)
-        m = cls.from_ranking(s["ranking"], int(s["top_k"] or 2), n_classes, **margs)
-    elif s["model"] is not None:
-        if _requires(cls, "teachers"):
-            raise ConfigError(f"method {s['method']!r} takes its teachers and their LogME weights from a ranking: "
-                              "pass ranking= (a `hubtune rank --out` folder) and top_k=")
-        models = s["model"] if isinstance(s["model"], (list, tuple)) else [s["model"]]
-        m = cls(list(models), n_classes, **margs)
-    else:
-        raise ConfigError(f"method {s['method']!r} needs several models: pass ranking= (a `hubtune rank --out` "
-                          "folder) with top_k=, or model= as a list of specs")
-    eval_transform = transform_for(m.data_config)
-    train_transform = train_transform_for(m.data_config, aug) if aug.enabled else eval_transform
-    train_ds = _wrap(src_ds, train_transform, seed)
-    _, eval_ds = eval_dataset_for(s["dataset"], eval_transform, data_dir=s["data_dir"], seed=seed,
-                                  eval_dataset=s["eval_dataset"])
-    m.prepare(train_ds, device=train_config.device)
-    mixer = _mixer(aug, n_classes, seed)
-    if mixer is not None and getattr(m, "cache_path", None) is not None and aug.mixing:
-        raise ConfigError("mixup/cutmix mix images across a batch, so a teacher cache written per image cannot "
-                          "be replayed: run the teachers live or drop mixup/cutmix")
-    return _fit(m, train_ds, eval_ds, train_config,
-                {"model": getattr(m, "student_name", None) or " + ".join(m.model_names),
-                 "ranking": str(s["ranking"]) if s["ranking"] else None, "dataset": str(s["dataset"]),
-                 "augment": json.loads(aug.key())}, mixer=mixer)
+    try:
+        if done and not train_config.overwrite:
+            try:
+                rep = json.loads((tdir / "report.json").read_text())
+            except (OSError, ValueError):
+                rep = {}
+            if rep.get("model") == source_spec and rep.get("dataset") == str(s["dataset"]):
+                return f"local-dir:{tdir}"
+            raise OutputError(f"{tdir} holds a teacher tuned from {rep.get('model')!r} on {rep.get('dataset')!r}, "
+                              f"not {source_spec!r} on {str(s['dataset'])!r}; pass --overwrite (overwrite=True) to "
+                              "retrain it, or choose a new --out")
+        resume = (tdir / "checkpoint.pt").is_file() and not train_config.overwrite
+        train = {k: v for k, v in dataclasses.asdict(train_config).items()
+                 if k not in ("out_dir", "resume", "overwrite")}
+        tune("finetune", model=source_spec, dataset=s["dataset"], eval_dataset=s["eval_dataset"],
+             num_classes=s["num_classes"], max_samples=s["max_samples"], data_dir=s["data_dir"], out=tdir,
+             resume=resume, overwrite=bool(train_config.overwrite) and not resume,
+             augment=dataclasses.asdict(aug), train=train)
+        return f"local-dir:{tdir}"
+    finally:
+        seed_everything(train_config.seed)

@@ -13,6 +13,9 @@ By default this is plain fine-tuning, as in timm and tllib (cross-entropy only):
   ``get_classifier()`` returns) is always its own group at LR x1.0. ``stage_lr_mults`` gives one multiplier per
   backbone group, in order (e.g. ``(0.1, 0.1, 0.2, 0.2, 0.3)`` for a ResNet); a model without a
   ``group_matcher`` has one backbone group. A single float applies to the whole backbone.
+* **Regularizers** (``regularizers = ("l2sp", "bss")``): the generic ones every method may declare
+  (:class:`~hubtune.tuning.losses.SPRegularization`, :class:`~hubtune.tuning.losses.BatchSpectralShrinkage`,
+  built by :meth:`~hubtune.tuning.Method.add_regularizers`).
 * **L2-SP** (Li et al., ICML 2018): ``alpha/2 * sum ||w - w0||^2`` over the trainable backbone weights,
   toward the starting (pretrained) weights ``w0``, plus ``beta/2 * ||w_head||^2`` on the head.
 * **BSS**, Batch Spectral Shrinkage (Chen et al., NeurIPS 2019): ``eta * sum_{i=1..k} sigma_{-i}^2``, the
@@ -21,97 +24,35 @@ By default this is plain fine-tuning, as in timm and tllib (cross-entropy only):
 """
 from __future__ import annotations
 
-import copy
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .method import Method, register_method
-
-
-def transfer_weights(source_state: dict, target: torch.nn.Module, skip: set | frozenset = frozenset()) -> dict:
-    """Copy every tensor of ``source_state`` into ``target`` whose name and shape match (names in ``skip``
-    are left alone). Returns ``{"copied", "missing", "shape_mismatch", "unexpected", "skipped"}`` name lists."""
-    report = {"copied": [], "missing": [], "shape_mismatch": [], "unexpected": [], "skipped": []}
-    tsd = target.state_dict()
-    new = {}
-    for name, t in tsd.items():
-        if name in skip:
-            report["skipped"].append(name)
-        elif name not in source_state:
-            report["missing"].append(name)
-        elif tuple(source_state[name].shape) != tuple(t.shape):
-            report["shape_mismatch"].append(name)
-        else:
-            new[name] = source_state[name]
-            report["copied"].append(name)
-    report["unexpected"] = [n for n in source_state if n not in tsd]
-    target.load_state_dict(new, strict=False)
-    return report
-
-
-def bss_penalty(features: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """``sum_{i=1..k} sigma_{-i}^2``: squares of the k smallest singular values of ``features`` (B, D).
-
-    Computed in float64 on CPU and float32 elsewhere; returns 0 (and warns) if the SVD fails or is not finite."""
-    f = features.reshape(features.shape[0], -1)
-    f = f.double() if f.device.type == "cpu" else f.float()
-    k = max(0, min(int(k), min(f.shape)))
-    if k == 0:
-        return f.new_zeros(()).float()
-    try:
-        s = torch.linalg.svdvals(f)  # descending
-        out = (s[-k:] ** 2).sum()
-        if not torch.isfinite(out):
-            raise RuntimeError("non-finite singular values")
-        return out.float()
-    except RuntimeError as e:
-        warnings.warn(f"BSS: the SVD of the batch features failed ({e}); the BSS term is 0 for this batch")
-        return features.new_zeros(()).float()
-
-
-def _head_names(model: torch.nn.Module) -> set[str]:
-    head = model.get_classifier()
-    for prefix, mod in model.named_modules():
-        if mod is head:
-            return {f"{prefix}.{n}" if prefix else n for n in head.state_dict()}
-    return set()
+from ...errors import ConfigError
+from ..method import Method, Setting, register_method
+from ..models import new_head, penultimate_features
 
 
 @register_method("finetune")
 class FineTune(Method):
     """Fine-tune a pretrained timm model (or a spec, loaded by ``load_candidate``) on ``num_classes`` classes."""
 
-    def __init__(self, model, num_classes: int, *, freeze_backbone: bool = False,
-                 stage_lr_mults=None, l2sp_alpha: float = 0.0, l2sp_beta: float = 0.0,
-                 bss_eta: float = 0.0, bss_k: int = 1, pretrained: bool = True):
-        super().__init__()
-        if isinstance(model, str):
-            from ..hub import load_candidate
+    regularizers = ("l2sp", "bss")
+    settings = {
+        "freeze_backbone": Setting(False, "train the new head only", bool),
+        "stage_lr_mults": Setting(None, "LR multiplier per backbone stage (timm's group_matcher), a list, or one "
+                                        "number for the whole backbone", (float, list, tuple)),
+        "pretrained": Setting(True, "load a spec's pretrained weights (false: train from scratch)", bool),
+    }
 
-            model = load_candidate(model, pretrained=pretrained).module
-        if not hasattr(model, "reset_classifier") or not hasattr(model, "get_classifier"):
-            raise ConfigError(f"FineTune needs a timm model (reset_classifier/get_classifier), got "
-                              f"{type(model).__name__}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"FineTune num_classes={num_classes!r} is invalid: give a whole number >= 1")
-        for nm, v in (("l2sp_alpha", l2sp_alpha), ("l2sp_beta", l2sp_beta), ("bss_eta", bss_eta)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"FineTune {nm}={v!r} is invalid: give a number >= 0 (0 disables it)")
-        if not isinstance(bss_k, int) or bss_k < 1:
-            raise ConfigError(f"FineTune bss_k={bss_k!r} is invalid: give a whole number >= 1")
-        source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        target = copy.deepcopy(model)
-        target.reset_classifier(num_classes)
-        self.head_names = _head_names(target)
-        self.copy_report = transfer_weights(source_state, target, skip=self.head_names)
-        self.model = target.train()
+    def __init__(self, model, num_classes: int, *, freeze_backbone: bool = False, stage_lr_mults=None,
+                 pretrained: bool = True, **regularizers):
+        super().__init__()
+        nh = new_head(model, num_classes, pretrained=pretrained, who="FineTune")
+        self.head_names, self.copy_report = nh.head_names, nh.copy_report
+        self.model = nh.module.train()
+        self.data_config, self.model_name = nh.hub.data_config, nh.hub.name
         self.num_classes = num_classes
         self.freeze_backbone = bool(freeze_backbone)
-        self.l2sp_alpha, self.l2sp_beta = float(l2sp_alpha), float(l2sp_beta)
-        self.bss_eta, self.bss_k = float(bss_eta), int(bss_k)
 
         params = dict(self.model.named_parameters())
         self._head_params = [n for n in params if n in self.head_names]
@@ -121,14 +62,11 @@ class FineTune(Method):
                 params[n].requires_grad_(False)
         self._stages = self._find_stages()
         self.stage_lr_mults = self._check_mults(stage_lr_mults)
-        # Starting weights for L2-SP, persistent buffers so a resumed run keeps the same anchor.
-        self._w0_keys = {}
-        if self.l2sp_alpha > 0:
-            for n in self._backbone_params:
-                if params[n].requires_grad:
-                    key = "w0__" + n.replace(".", "__")
-                    self.register_buffer(key, params[n].detach().clone())
-                    self._w0_keys[n] = key
+        # after freezing: L2-SP pulls the trainable backbone weights only
+        self.add_regularizers(self.model, nh.source_state, self._head_params, **regularizers)
+        w = self.regularizer_weights
+        self.l2sp_alpha, self.l2sp_beta, self.bss_eta, self.bss_k = (w["l2sp_alpha"], w["l2sp_beta"], w["bss_eta"],
+                                                                     w["bss_k"])
 
     # ---------------------------------------------------------------- stages
     def _find_stages(self) -> list[list[str]]:
@@ -183,29 +121,18 @@ class FineTune(Method):
 
     # ---------------------------------------------------------------- losses
     def l2sp(self) -> torch.Tensor:
-        params = dict(self.model.named_parameters())
-        dev = next(iter(params.values())).device
-        loss = torch.zeros((), device=dev)
-        if self.l2sp_alpha > 0 and self._w0_keys:
-            sq = sum(((params[n].float() - getattr(self, k).float()) ** 2).sum() for n, k in self._w0_keys.items())
-            loss = loss + 0.5 * self.l2sp_alpha * sq
-        if self.l2sp_beta > 0:
-            head = [params[n] for n in self._head_params if params[n].requires_grad]
-            if head:
-                loss = loss + 0.5 * self.l2sp_beta * sum((p.float() ** 2).sum() for p in head)
-        return loss
+        """The weighted L2-SP term (0 when ``l2sp_alpha`` and ``l2sp_beta`` are 0)."""
+        return self.regularize().get("l2sp", torch.zeros((), device=next(self.model.parameters()).device))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        f = m.forward_head(m.forward_features(x), pre_logits=True)
-        return f.reshape(f.shape[0], -1)
+        return penultimate_features(self.model, x)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         feats = self.features(batch["input"])
         logits = self.model.get_classifier()(feats)
         ce = F.cross_entropy(logits.float(), batch["target"])
-        l2sp = self.l2sp()
-        bss = (self.bss_eta * bss_penalty(feats, self.bss_k)) if self.bss_eta > 0 else ce.new_zeros(())
+        reg = self.regularize(feats)
+        l2sp, bss = reg.get("l2sp", ce.new_zeros(())), reg.get("bss", ce.new_zeros(()))
         return {"total": ce + l2sp + bss, "ce": ce.detach(), "l2sp": l2sp.detach(), "bss": bss.detach()}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

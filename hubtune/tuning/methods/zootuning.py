@@ -31,7 +31,7 @@ architecture whose convolutions are *adaptive aggregations* of the sources' kern
   residual branch's last one without BN) then passes on activations scaled by ``K/2``. One consequence to
   know: a step on the sources' kernels moves the aggregate by ``K g^2`` times the step (``g`` the gate), i.e.
   ``1/K`` of a single model's step at the average start against ``K/4`` at the half start, so the average start
-  trains the aggregate more slowly at the same lr. Measured on a 2-core Xeon (3 ``test_resnet`` sources, each
+  trains the aggregate more slowly at the same lr. Measured on a 2-core AMD EPYC VM (3 ``test_resnet`` sources, each
   trained 3 epochs on another third of digits, Zoo-Tuned 2 epochs on 400 other digits at 32 px, batch 32,
   3 seeds, digits test accuracy): lr 0.01: half 0.690 +- 0.023, average 0.320 +- 0.048; lr 0.03: half
   0.544 +- 0.217, average 0.581 +- 0.092. The average start is the correct one and is the more stable, but
@@ -67,11 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._io import json_safe, save_state_dict, write_json
-from ..errors import ConfigError
-from .finetune import _head_names
-from .method import register_method
-from .multi import HubModel, MultiModelMethod, load_models
+from ..._io import json_safe, save_state_dict, write_json
+from ...errors import ConfigError
+from ..method import MultiModelMethod, Setting, register_method
+from ..models import HubModel, check_num_classes, head_names, load_models
 
 FORMAT = "hubtune-zootuning-v1"
 
@@ -86,6 +85,14 @@ def _conv_same_cls():
 
 IMPLS = ("auto", "grouped", "sum")
 GATE_INITS = ("average", "half")
+
+
+def _check_choices(impl: str, gate_init: str) -> None:
+    if impl not in IMPLS:
+        raise ConfigError(f"ZooTuning impl={impl!r} is invalid: choose one of {', '.join(IMPLS)}")
+    if gate_init not in GATE_INITS:
+        raise ConfigError(f"ZooTuning gate_init={gate_init!r} is invalid: choose 'average' (every gate starts "
+                          "at 1/K: the sources' average) or 'half' (PyTorch's default init, gates near 0.5)")
 
 
 def _supported_conv(m: nn.Module) -> bool:
@@ -105,11 +112,7 @@ class AdaptiveAggregationConv2d(nn.Module):
     def __init__(self, convs, *, gate_reduction: int = 4, align: bool = True, lite: bool = False,
                  ema_momentum: float = 0.9, impl: str = "auto", gate_init: str = "average"):
         super().__init__()
-        if impl not in IMPLS:
-            raise ConfigError(f"ZooTuning impl={impl!r} is invalid: choose one of {', '.join(IMPLS)}")
-        if gate_init not in GATE_INITS:
-            raise ConfigError(f"ZooTuning gate_init={gate_init!r} is invalid: choose 'average' (every gate starts "
-                              "at 1/K: the sources' average) or 'half' (PyTorch's default init, gates near 0.5)")
+        _check_choices(impl, gate_init)
         self.impl = impl
         c0 = convs[0]
         self.conv_cls = type(c0)
@@ -239,14 +242,14 @@ def _check_same_architecture(hubs: list[HubModel]) -> None:
     hint = ("Zoo-Tuning aggregates the kernels of models of one architecture; give models of the same "
             "architecture, or use hubpathway/btuning for heterogeneous hubs")
     ref = hubs[0]
-    ref_heads = _head_names(ref.module) if hasattr(ref.module, "get_classifier") else set()
+    ref_heads = head_names(ref.module) if hasattr(ref.module, "get_classifier") else set()
     ref_sd = {k: tuple(v.shape) for k, v in ref.module.state_dict().items() if k not in ref_heads}
     for i, hm in enumerate(hubs[1:], 1):
         a, b = _label(ref, 0), _label(hm, i)
         if type(hm.module) is not type(ref.module):
             raise ConfigError(f"Zoo-Tuning: {a} is a {type(ref.module).__name__} but {b} is a "
                               f"{type(hm.module).__name__}. {hint}")
-        heads = _head_names(hm.module) if hasattr(hm.module, "get_classifier") else set()
+        heads = head_names(hm.module) if hasattr(hm.module, "get_classifier") else set()
         sd = {k: tuple(v.shape) for k, v in hm.module.state_dict().items() if k not in heads}
         for k in ref_sd:
             if k not in sd:
@@ -263,17 +266,23 @@ class ZooTuning(MultiModelMethod):
     """Zoo-Tuning (Shu et al., ICML 2021) over ``models`` (K >= 2 timm modules or hub specs of one
     architecture); see the module docstring for the aggregation, BN sharing, lite mode and saving."""
 
+    settings = {
+        "lite": Setting(False, "input-independent gates (EMA), collapsible into one ordinary model", bool),
+        "ema_momentum": Setting(0.9, "lite: momentum of the gate EMA", float),
+        "gate_reduction": Setting(4, "channel reduction of the gate network", int),
+        "align": Setting(True, "learn a per-source 1x1 channel alignment", bool),
+        "head_lr_mult": Setting(10.0, "the new head's LR multiplier", float),
+        "pretrained": Setting(True, "load the specs' pretrained weights", bool),
+        "impl": Setting("auto", "aggregation kernel: auto, grouped or sum", str),
+        "gate_init": Setting("average", "average (start at the sources' mean kernel) or half (sigmoid 0.5)", str),
+    }
+
     def __init__(self, models, num_classes: int, *, lite: bool = False, ema_momentum: float = 0.9,
                  gate_reduction: int = 4, align: bool = True, head_lr_mult: float = 10.0, pretrained: bool = True,
                  impl: str = "auto", gate_init: str = "average"):
         super().__init__()
-        if impl not in IMPLS:
-            raise ConfigError(f"ZooTuning impl={impl!r} is invalid: choose one of {', '.join(IMPLS)}")
-        if gate_init not in GATE_INITS:
-            raise ConfigError(f"ZooTuning gate_init={gate_init!r} is invalid: choose 'average' (every gate starts "
-                              "at 1/K: the sources' average) or 'half' (PyTorch's default init, gates near 0.5)")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ConfigError(f"ZooTuning num_classes={num_classes!r} is invalid: give a whole number >= 1")
+        _check_choices(impl, gate_init)
+        check_num_classes(num_classes, "ZooTuning")
         if not isinstance(ema_momentum, (int, float)) or not 0 <= ema_momentum < 1:
             raise ConfigError(f"ZooTuning ema_momentum={ema_momentum!r} is invalid: give a number in [0, 1)")
         if not isinstance(gate_reduction, int) or isinstance(gate_reduction, bool) or gate_reduction < 1:
@@ -296,7 +305,7 @@ class ZooTuning(MultiModelMethod):
         self.model_names = [h.name for h in hubs]
         self.data_config = dict(hubs[0].data_config)
         self.source_num_params = sum(p.numel() for n, p in hubs[0].module.named_parameters()
-                                     if n not in _head_names(hubs[0].module))
+                                     if n not in head_names(hubs[0].module))
         sources = [h.module for h in hubs]
 
         target = copy.deepcopy(sources[0])
@@ -325,7 +334,7 @@ class ZooTuning(MultiModelMethod):
                             t.copy_(torch.stack([getattr(b, attr).detach() for b in bns]).mean(0))
                 self.shared_bns.append(name)
         self.model = target.train()
-        self.head_names = _head_names(self.model)
+        self.head_names = head_names(self.model)
 
     # ------------------------------------------------------------------ method protocol
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:

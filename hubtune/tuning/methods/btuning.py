@@ -21,14 +21,14 @@ Choices the paper leaves open, each a parameter or documented here:
 
 * MSE is the mean over the batch and the C columns (``F.mse_loss``), so lambda does not scale with C.
 * A batch without ``"target"`` trains on the MSE term alone (``ce`` is 0).
-* Teachers see the student's input re-expressed for their own data config (:class:`~hubtune.tuning.multi.
+* Teachers see the student's input re-expressed for their own data config (:class:`~hubtune.tuning.models.
   InputAdapter`: resize and re-normalise), so one decoded image serves every model.
 * A class missing from a ranking's LogME columns (a subsample without it) gets a zero projection row.
 * Optimiser defaults from the authors' code (:attr:`BTuning.train_defaults`, applied by :func:`hubtune.tune`
   beneath any config): SGD, Nesterov momentum 0.9, weight decay 5e-4, backbone lr 1e-3; the head trains at
   ``head_lr_mult`` = 10x.
 * ``cache_teacher=True`` reads ``p(x)`` per sample (and per epoch, for an augmented training set) from a cache
-  written by :func:`~hubtune.tuning.kd.cache_teacher_outputs` ``(method.ensemble, train_dataset, path,
+  written by :func:`~hubtune.tuning.teachers.cache_teacher_outputs` ``(method.ensemble, train_dataset, path,
   epochs=E)`` or ``hubtune cache-teacher --ranking DIR --epochs E``; the cache is keyed by
   :meth:`TeacherEnsemble.cache_identity` (teacher weights, projections, pi and every teacher's input view), and
   verified per batch exactly as KD's teacher cache is. The method then keeps no teacher module at all (only that
@@ -37,7 +37,7 @@ Choices the paper leaves open, each a parameter or documented here:
 * **The ranking's dataset is checked.** :meth:`BTuning.from_ranking` compares the ranking's ``dataset_info``
   with the dataset being tuned (``dataset=``) and refuses another dataset or another number of classes (the
   LogME weights would project onto another task's labels), naming both and the cure
-  (:func:`~hubtune.tuning.multi.check_ranking_dataset`); ``allow_foreign_ranking=True`` turns that into a
+  (:func:`~hubtune.tuning.models.check_ranking_dataset`); ``allow_foreign_ranking=True`` turns that into a
   warning. A ranking written before hubtune recorded its dataset gives a warning.
 """
 from __future__ import annotations
@@ -47,16 +47,17 @@ import hashlib
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .method import register_method
-from .multi import (HubModel, InputAdapter, MultiModelMethod, check_ranking_dataset, load_models, module_identity,
-                    penultimate_features, ranking_top, view_of)
-
+from ...errors import ConfigError
+from ..method import MethodContext, MultiModelMethod, Setting, register_method
+from ..models import (HubModel, InputAdapter, check_ranking_dataset, load_models, module_identity,
+                      penultimate_features, ranking_top, view_of)
+from ..teachers import teacher_source
 
 
 def projection_matrix(weights, columns, num_classes: int, width: int, name: str) -> torch.Tensor:
@@ -109,7 +110,7 @@ class TeacherEnsemble(torch.nn.Module):
         return super().train(False)  # always eval: running BN statistics, no dropout
 
     def cache_identity(self) -> str:
-        """The teacher-cache key: :func:`~hubtune.tuning.multi.module_identity` of the ensemble (teacher weights,
+        """The teacher-cache key: :func:`~hubtune.tuning.models.module_identity` of the ensemble (teacher weights,
         projections, pi) and the input views (the batches' data config and each teacher's), which the state
         dict does not hold."""
         payload = json.dumps({"ensemble": module_identity(self), "views": self.views}, sort_keys=True)
@@ -134,6 +135,48 @@ class BTuning(MultiModelMethod):
     """
 
     train_defaults = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "lr": 1e-3}
+    teachers = ("teachers",)
+    settings = {
+        "temperature": Setting(0.1, "T of the teachers' mixture weights softmax(LogME / T)", float),
+        "trade_off": Setting(100.0, "lambda, the weight of the MSE to the teachers' projection", float),
+        "head_lr_mult": Setting(10.0, "the new head's LR multiplier", float),
+        "cache_teacher": Setting(False, "read p(x) from a cache (`hubtune cache-teacher --ranking`)", bool),
+        "cache_dir": Setting(None, "where the teacher cache is", (str, Path)),
+        "cache_path": Setting(None, "the teacher cache file itself", (str, Path)),
+        "verify_cache": Setting(True, "check every batch's inputs against the cache's fingerprints", bool),
+        "max_student_params": Setting(None, "without model=: the best-ranked student with at most this many "
+                                            "parameters", int),
+        "allow_foreign_ranking": Setting(False, "warn instead of refusing a ranking made on another dataset", bool),
+        "teacher_weights": Setting(None, "without a ranking (Python API): the teachers' LogME posterior means"),
+        "logme_scores": Setting(None, "without a ranking (Python API): the teachers' LogME scores"),
+        "student_weights": Setting(None, "the student's LogME weights (default: from the ranking, else fitted)"),
+        "pretrained": Setting(True, "load a spec student's pretrained weights", bool),
+    }
+
+    @classmethod
+    def from_settings(cls, ctx: MethodContext) -> "BTuning":
+        """From the ranking (``ctx.ranking``, top ``ctx.top_k`` teachers; ``ctx.model`` names the student), or from
+        ``teachers=`` with ``teacher_weights`` and ``logme_scores`` (Python API)."""
+        s = dict(ctx.settings)
+        teachers = ctx.teachers.get("teachers")
+        if ctx.ranking is not None:
+            if teachers is not None:
+                raise ConfigError("method 'btuning' takes its teachers from ranking= (top_k=), not teacher=")
+            for k in ("teacher_weights", "logme_scores"):
+                if s.pop(k) is not None:
+                    raise ConfigError(f"btuning: {k}= comes from the ranking; drop it, or drop ranking=")
+            m = cls.from_ranking(ctx.ranking, int(ctx.top_k or 2), ctx.num_classes, student=ctx.model,
+                                 dataset=ctx.dataset, **s)
+        else:
+            if teachers is None or s.get("teacher_weights") is None or s.get("logme_scores") is None:
+                raise ConfigError("method 'btuning' takes its teachers and their LogME weights from a ranking: pass "
+                                  "ranking= (a `hubtune rank --out` folder) and top_k=")
+            if ctx.model is None:
+                raise ConfigError("btuning without a ranking needs the student: pass model=")
+            s.pop("max_student_params")
+            s.pop("allow_foreign_ranking")
+            m = cls(ctx.model, teachers, ctx.num_classes, **s)
+        return m
 
     def __init__(self, student, teachers, num_classes: int, *, teacher_weights, logme_scores,
                  student_weights=None, temperature: float = 0.1, trade_off: float = 100.0,
@@ -176,14 +219,15 @@ class BTuning(MultiModelMethod):
             self.set_student_weights(student_weights)
 
         self.pi = self.ensemble.pi.tolist()
-        self.cache_path, self._cache, self.teacher_identity, self._epoch = None, None, None, 0
-        if cache_teacher or cache_path is not None:
-            from .kd import TeacherCache
-
-            self.teacher_identity = self.ensemble.cache_identity()
-            self._cache = TeacherCache(cache_path, self.teacher_identity, num_classes, verify_cache,
-                                       cache_dir=cache_dir)
-            self.cache_path = self._cache.path
+        self.model_name = self.student_name
+        # the ensemble adapts its own inputs (one adapter per teacher), so the source gets no adapter
+        self.teacher_source = teacher_source(self.ensemble, self.ensemble.cache_identity,
+                                             cache_teacher=cache_teacher, cache_dir=cache_dir, cache_path=cache_path,
+                                             verify_cache=verify_cache, num_classes=num_classes)
+        self.needs_index = self.teacher_source.needs_index
+        self.teacher_identity, self.cache_path = None, None
+        if self.teacher_source.cached:
+            self.teacher_identity, self.cache_path = self.teacher_source.cache.key, self.teacher_source.path
             self.ensemble = None  # neither moved to a device nor checkpointed: its outputs are on disk
 
     # ------------------------------------------------------------------ construction
@@ -209,7 +253,9 @@ class BTuning(MultiModelMethod):
                                   f"parameters (smallest: {min(c.num_params for c in rk.candidates):,}); raise the "
                                   "budget or pass student=")
             student = fits[0].spec
-        sw = rk.weights.get(student) if isinstance(student, str) else None
+        sw = kwargs.pop("student_weights", None)
+        if sw is None:
+            sw = rk.weights.get(student) if isinstance(student, str) else None
         if isinstance(student, str) and student in by_spec and sw is None:
             raise ConfigError(f"btuning: the ranking has no LogME weights for the student {student}")
         loaded = {m.spec: m for m in (models or [])}
@@ -234,8 +280,8 @@ class BTuning(MultiModelMethod):
     def fit_projection(self, dataset, batch_size: int = 64, device=None) -> None:
         """Fit the student's LogME weights on its current (pretrained) features over ``dataset`` (items
         ``(input, label)``), as ``hubtune rank`` would, and hold them fixed. Call before training."""
-        from ..scoring.logme import LogME
-        from .engine import _as_batch
+        from ...scoring.logme import LogME
+        from ..engine import _as_batch
 
         dev = torch.device(device) if device is not None else self.student_proj.device
         was = self.student.training
@@ -272,9 +318,7 @@ class BTuning(MultiModelMethod):
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Remember the epoch (the cache row of augmented runs); a run longer than the cache fails here."""
-        self._epoch = int(epoch)
-        if self._cache is not None:
-            self._cache.check_epochs(epoch, total_epochs)
+        self.teacher_source.on_epoch_start(epoch, total_epochs)
 
     def param_groups(self, lr: float) -> list[dict]:
         head = list(self.student.get_classifier().parameters())
@@ -286,10 +330,7 @@ class BTuning(MultiModelMethod):
 
     def teacher_projection(self, batch: dict) -> torch.Tensor:
         """``p(x)``, ``(B, C)``: from the cache when there is one, else from the live teachers."""
-        x = batch["input"]
-        if self._cache is not None:
-            return self._cache.lookup(batch, x, self._epoch)
-        return self.ensemble(x)
+        return self.teacher_source(batch)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.student_proj.numel() == 0:

@@ -64,10 +64,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._io import json_safe, save_state_dict, write_json
-from ..errors import ConfigError
-from .method import register_method
-from .multi import HubModel, InputAdapter, MultiModelMethod, load_models, penultimate_features
+from ..._io import json_safe, save_state_dict, write_json
+from ...errors import ConfigError
+from ..method import MultiModelMethod, Setting, register_method
+from ..models import HubModel, InputAdapter, load_models, penultimate_features
 
 FORMAT = "hubtune-hubpathway-v1"
 
@@ -137,6 +137,18 @@ class HubPathway(MultiModelMethod):
     ``(B, K)`` and ``last_routed[e]`` the number of samples model ``e`` processed."""
 
     sparse_parameters = True  # models no sample of the batch routes to get no gradient
+
+    settings = {
+        "k": Setting(1, "how many models each sample is routed to", int),
+        "generator": Setting(None, "the pathway generator: null (a small CNN), a timm model name, or an nn.Module",
+                             None),
+        "noise": Setting(True, "noisy top-k gating in training", bool),
+        "explore_weight": Setting(0.1, "weight of the exploration loss KL(mean routing || uniform)", float),
+        "exploit_weight": Setting(1.0, "weight of the exploitation loss (each routed model's own CE)", float),
+        "head_lr_mult": Setting(10.0, "the heads' LR multiplier", float),
+        "generator_lr_mult": Setting(10.0, "the generator's LR multiplier", float),
+        "pretrained": Setting(True, "load the specs' pretrained weights", bool),
+    }
 
     def __init__(self, models, num_classes: int, *, k: int = 1, generator=None, noise: bool = True,
                  explore_weight: float = 0.1, exploit_weight: float = 1.0, head_lr_mult: float = 10.0,

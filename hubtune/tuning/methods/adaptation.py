@@ -30,23 +30,24 @@ target domain's labelled test set. Both methods are one class, :class:`DomainAdv
   reversed gradient); and the adversarial game needs a few hundred steps. On two moons rotated by 30
   degrees (a ReLU MLP, 480 SGD steps) DANN and CDAN gain 6-18 points over source-only
   (``tests/test_adaptation.py``).
+* **Regularizers.** ``regularizers = ("bss", "l2sp")``: ``bss_eta`` adds Batch Spectral Shrinkage on the source
+  features (DANN + BSS, as in tllib's examples), ``l2sp_alpha``/``l2sp_beta`` L2-SP; off by default. E.g.
+  ``hubtune tune --method dann --method-arg bss_eta=0.001``.
 * **Batches.** ``{"input": source images, "target": source labels, "target_input": target images}``;
   :class:`PairedDataset` makes them from two datasets for the :class:`~hubtune.tuning.engine.Engine` (and
   passes ``set_epoch`` on to both, for seeded augmentation).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from .finetune import _head_names, transfer_weights
-from .losses import (ConditionalDomainAdversarialLoss, DomainAdversarialLoss, DomainDiscriminator,
-                     WarmStartGRL)
-from .method import Method, register_method
+from ...errors import ConfigError
+from ..losses.adversarial import (ConditionalDomainAdversarialLoss, DomainAdversarialLoss, DomainDiscriminator,
+                                  WarmStartGRL)
+from ..method import Method, Setting, register_method
+from ..models import check_num_classes, load_model, new_head, penultimate_features
 
 __all__ = ["PairedDataset", "DomainAdversarial", "DANN", "CDAN"]
 
@@ -85,7 +86,7 @@ class PairedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Pass the epoch on to the source and target datasets (or the datasets they wrap), so seeded
         augmentation draws per (sample, epoch, seed); the pairing itself does not change."""
-        from .engine import set_epoch
+        from ..engine import set_epoch
 
         set_epoch(self.source, epoch)
         set_epoch(self.target, epoch)
@@ -118,37 +119,45 @@ class DomainAdversarial(Method):
     """
 
     conditional = False
+    inputs = "paired"
+    regularizers = ("bss", "l2sp")
+    settings = {
+        "trade_off": Setting(1.0, "weight of the adversarial term", float),
+        "bottleneck_dim": Setting(None, "a Linear-BN-ReLU bottleneck of this width before the head (null: none)",
+                                  int),
+        "hidden": Setting(1024, "width of the domain discriminator", int),
+        "grl_alpha": Setting(10.0, "steepness of the gradient-reversal warm-up", float),
+        "grl_max_iters": Setting(None, "steps of the warm-up (null: the run's total steps)", int),
+        "backbone_lr_mult": Setting(0.1, "the backbone's LR multiplier (head and discriminator: x1)", float),
+        "pretrained": Setting(True, "load a spec's pretrained weights", bool),
+    }
 
     def __init__(self, model, num_classes: int, *, bottleneck_dim: int | None = None, trade_off: float = 1.0,
                  hidden: int = 1024, grl_alpha: float = 10.0, grl_max_iters: int | None = None,
                  backbone_lr_mult: float = 0.1, randomized: bool | None = None, randomized_dim: int = 1024,
                  entropy_conditioning: bool = False, pretrained: bool = True, seed: int = 0,
-                 conditional: bool | None = None):
+                 conditional: bool | None = None, **regularizers):
         super().__init__()
         if conditional is not None:
             self.conditional = bool(conditional)
-        if isinstance(model, str):
-            from ..hub import load_candidate
-
-            model = load_candidate(model, pretrained=pretrained).module
-        if not hasattr(model, "reset_classifier") or not hasattr(model, "get_classifier"):
-            raise ConfigError(f"{self.name or 'DomainAdversarial'} needs a timm model "
-                              f"(reset_classifier/get_classifier), got {type(model).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"num_classes={num_classes!r} is invalid: give a whole number >= 1")
+        who = self.name or "DomainAdversarial"
+        hm = load_model(model, pretrained=pretrained)
+        if not hasattr(hm.module, "reset_classifier") or not hasattr(hm.module, "get_classifier"):
+            raise ConfigError(f"{who} needs a timm model (reset_classifier/get_classifier), got "
+                              f"{type(hm.module).__name__}")
+        check_num_classes(num_classes, "DomainAdversarial")
         if bottleneck_dim is not None and (not isinstance(bottleneck_dim, int) or bottleneck_dim < 1):
             raise ConfigError(f"bottleneck_dim={bottleneck_dim!r} is invalid: give None or a whole number >= 1")
         for nm, v in (("trade_off", trade_off), ("backbone_lr_mult", backbone_lr_mult)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{nm}={v!r} is invalid: give a number >= 0")
-        source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            target = copy.deepcopy(model)
-            target.reset_classifier(num_classes)
-            head_names = _head_names(target)
-            self.copy_report = transfer_weights(source_state, target, skip=head_names)
+            nh = new_head(hm, num_classes, who=who)
+            target = nh.module
+            self.copy_report = nh.copy_report
+            self.data_config, self.model_name = nh.hub.data_config, nh.hub.name
             width = int(getattr(target, "head_hidden_size", None) or target.num_features)
             head = target.get_classifier()
             head_path = next(n for n, m in target.named_modules() if m is head)
@@ -186,6 +195,22 @@ class DomainAdversarial(Method):
         if self.conditional:
             self._hp.update(randomized=self.adversary.randomized, randomized_dim=randomized_dim,
                             entropy_conditioning=bool(entropy_conditioning))
+        head_params = {n for n, p in self.model.named_parameters()
+                       if any(p is q for q in self.classifier().parameters())}
+        self.add_regularizers(self.model, nh.source_state, head_params, **regularizers)
+        self._hp.update(self.regularizer_weights)
+
+    @classmethod
+    def from_settings(cls, ctx):
+        """As :meth:`Method.from_settings`, with the run's ``seed`` (new head, bottleneck, discriminator, random
+        map)."""
+        model = ctx.model if ctx.model is not None or ctx.ranking is None else ctx.best_of_ranking()
+        if ctx.model is not None and ctx.ranking is not None:
+            raise ConfigError("give either model= or ranking=, not both")
+        if model is None:
+            raise ConfigError("no model given; pass model= (a spec such as 'resnet18' or 'local-dir:PATH') or "
+                              "ranking= (a `hubtune rank --out` folder) with top_k=")
+        return cls(model, ctx.num_classes, seed=ctx.seed, **ctx.settings)
 
     def on_train_start(self, total_steps: int) -> None:
         """The GRL warm-up spans the run (``grl_max_iters=None``): p = steps done / ``total_steps``."""
@@ -214,9 +239,7 @@ class DomainAdversarial(Method):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The features the adversary sees: pooled backbone features, through the bottleneck if any."""
-        m = self.model
-        f = m.forward_head(m.forward_features(x), pre_logits=True)
-        return self.bottleneck()(f.reshape(f.shape[0], -1))
+        return self.bottleneck()(penultimate_features(self.model, x))
 
     def param_groups(self, lr: float) -> list[dict]:
         head_ids = {id(p) for p in self.classifier().parameters()}
@@ -248,8 +271,11 @@ class DomainAdversarial(Method):
         if self.training:
             self.grl.step()
         transfer = adv["total"]
-        return {"total": ce + self.trade_off * transfer, "ce": ce.detach(), "transfer": transfer.detach(),
-                "domain_acc": adv["domain_acc"].detach(), "grl_coeff": ce.new_tensor(coeff).detach()}
+        reg = self.regularize(f_s)  # BSS on the source features (as tllib's DANN + BSS), L2-SP on the backbone
+        total = ce + self.trade_off * transfer + sum(reg.values())
+        return {"total": total, "ce": ce.detach(), "transfer": transfer.detach(),
+                "domain_acc": adv["domain_acc"].detach(), "grl_coeff": ce.new_tensor(coeff).detach(),
+                **{k: v.detach() for k, v in reg.items()}}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -274,3 +300,9 @@ class CDAN(DomainAdversarial):
     """Conditional Domain Adversarial Network (Long et al., NeurIPS 2018); see :class:`DomainAdversarial`."""
 
     conditional = True
+    settings = {**DomainAdversarial.settings,
+                "randomized": Setting(None, "randomized multilinear map (null: when features x classes > 4096)",
+                                      bool),
+                "randomized_dim": Setting(1024, "width of the randomized multilinear map", int),
+                "entropy_conditioning": Setting(False, "CDAN+E: weight samples by the certainty of their "
+                                                       "prediction", bool)}

@@ -1,25 +1,28 @@
-"""What the methods that hold more than one model (``kd``, ``btuning``, ``zootuning``, ``hubpathway``) share:
-loading hub models, their penultimate features, their identity, feeding one input batch to models that expect
-other input sizes or normalisations, taking the top-K of a ranking and checking the ranking's dataset.
+"""The hub models a method holds, in one place: loading them, their data config, their penultimate features,
+their identity, a new head, feeding them a batch prepared for another model, taking them from a ranking.
 
-* :func:`load_models` / :func:`load_model` turn specs, Candidates or timm modules into :class:`HubModel`
-  records (the one spec-or-module loader).
-* :func:`penultimate_features` is the one penultimate-feature forward (``forward_features`` +
+Every method (one model or many) uses these, so each exists once:
+
+* :func:`load_models` / :func:`load_model`: specs, Candidates, :class:`HubModel` s or timm modules ->
+  :class:`HubModel` records (module, data config, name, identity); the one spec-or-module loader.
+* :func:`data_config_of`: a module's timm data config (``timm.data.resolve_data_config``); the one place it is
+  resolved for a module given without a hub spec.
+* :func:`penultimate_features`: the one penultimate-feature forward (``forward_features`` +
   ``forward_head(pre_logits=True)``, flattened), exactly as the ranking extracts features.
-* :func:`module_identity` is the one module hash (a cache key for a module given without a hub spec).
+* :func:`module_identity`: the one module hash (a cache and checkpoint key for a module given without a spec).
+* :func:`new_head`: a copy of a timm model with a new ``num_classes`` classifier and every other matching tensor
+  transferred (:func:`transfer_weights`, :func:`head_names`).
 * :class:`InputAdapter` maps a batch normalised for one data config to another: un-normalise with the source
   mean/std, resize (bilinear, antialiased) to the destination ``input_size`` if it differs, normalise with the
   destination mean/std. Identity (the same tensor) when the two configs agree. A design choice: every image is
   decoded and transformed once (by the first model's transform) and adapted on the fly, rather than decoded
-  once per model.
-* :func:`teacher_view_key` is the identity of a teacher *seen through its input view*: the teacher's identity
-  and its data config (and the source config it is adapted from, when the two differ). Teacher caches are
-  keyed by it, so a cache written for one view is never read for another.
+  once per model. :func:`view_of` is the part of a data config it reads.
 * :func:`ranking_top` reads a ``hubtune rank --out`` folder and returns its best ``k`` specs;
   :func:`check_ranking_dataset` compares the ranking's ``dataset_info`` with the dataset being tuned.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
@@ -30,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .method import Method
 
 VIEW_KEYS = ("input_size", "mean", "std")  # what InputAdapter reads of a data config
 
@@ -45,7 +47,9 @@ class HubModel:
     extra: dict = field(default_factory=dict)
 
 
-def _data_config_of(module: torch.nn.Module) -> dict:
+def data_config_of(module: torch.nn.Module) -> dict:
+    """The timm data config of a module (``resolve_data_config({}, model=module)``: its ``pretrained_cfg``, else
+    timm's defaults) as a plain dict."""
     from timm.data import resolve_data_config
 
     return dict(resolve_data_config({}, model=module))
@@ -83,15 +87,6 @@ def view_of(data_config: dict | None) -> dict | None:
     return {k: [float(v) for v in data_config[k]] for k in VIEW_KEYS if data_config.get(k) is not None}
 
 
-def teacher_view_key(identity: str, teacher_config: dict | None, input_config: dict | None = None) -> str:
-    """The cache key of a teacher seen through its own input view: sha256 of the teacher ``identity``, its
-    view (``teacher_config``) and, when the batches are prepared for another view (``input_config``), that
-    one too (the :class:`InputAdapter` between them is then part of what the teacher computes)."""
-    dst, src = view_of(teacher_config), view_of(input_config)
-    payload = {"identity": identity, "view": dst, "from": src if (dst is not None and src != dst) else None}
-    return hashlib.sha256(("hubtune-teacher-view-v1\n" + json.dumps(payload, sort_keys=True)).encode()).hexdigest()
-
-
 def load_models(models, *, pretrained: bool = True, role: str = "models") -> list[HubModel]:
     """``models`` (a list of specs, Candidates or nn.Modules; one item is taken as a list of one) ->
     ``[HubModel]`` in the same order. Specs are loaded with :func:`hubtune.hub.load_candidate`."""
@@ -115,7 +110,7 @@ def load_models(models, *, pretrained: bool = True, role: str = "models") -> lis
         elif hasattr(m, "module") and hasattr(m, "identity") and isinstance(m.module, torch.nn.Module):
             out.append(HubModel(m.module, dict(m.data_config), m.spec, m.identity, m.num_params))
         elif isinstance(m, torch.nn.Module):
-            out.append(HubModel(m, _data_config_of(m), type(m).__name__, None,
+            out.append(HubModel(m, data_config_of(m), type(m).__name__, None,
                                 sum(p.numel() for p in m.parameters())))
         else:
             raise ConfigError(f"{role} item {m!r} is invalid: give a hub spec such as 'resnet18', a Candidate or "
@@ -273,17 +268,70 @@ def check_ranking_dataset(ranking, dataset, method: str, *, allow_foreign: bool 
     raise ConfigError(msg)
 
 
-class MultiModelMethod(Method):
-    """Base of the methods that hold several hub models: ``from_ranking`` takes the top-K of a ranking."""
+# ---------------------------------------------------------------------------------------------- a new head
+def head_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of a timm model's classifier (the module ``get_classifier()`` returns)."""
+    head = model.get_classifier()
+    for prefix, mod in model.named_modules():
+        if mod is head:
+            return {f"{prefix}.{n}" if prefix else n for n in head.state_dict()}
+    return set()
 
-    multi_model = True
-    data_config: dict = {}
-    model_names: list = []  # the specs (or class names) of the models it holds
 
-    @classmethod
-    def from_ranking(cls, ranking, top_k: int, num_classes: int, *, dataset=None, **kwargs):
-        """``cls(top-K specs of ranking, num_classes, **kwargs)``. ``dataset`` (the training set) is accepted
-        so that every multi-model method is built the same way; the ranking only chooses the models here, so
-        it is not checked against it (B-Tuning, which uses the ranking's LogME weights, does check)."""
-        _, specs = ranking_top(ranking, top_k, cls.name)
-        return cls(specs, num_classes, **kwargs)
+def transfer_weights(source_state: dict, target: torch.nn.Module, skip: set | frozenset = frozenset()) -> dict:
+    """Copy every tensor of ``source_state`` into ``target`` whose name and shape match (names in ``skip``
+    are left alone). Returns ``{"copied", "missing", "shape_mismatch", "unexpected", "skipped"}`` name lists."""
+    report = {"copied": [], "missing": [], "shape_mismatch": [], "unexpected": [], "skipped": []}
+    tsd = target.state_dict()
+    new = {}
+    for name, t in tsd.items():
+        if name in skip:
+            report["skipped"].append(name)
+        elif name not in source_state:
+            report["missing"].append(name)
+        elif tuple(source_state[name].shape) != tuple(t.shape):
+            report["shape_mismatch"].append(name)
+        else:
+            new[name] = source_state[name]
+            report["copied"].append(name)
+    report["unexpected"] = [n for n in source_state if n not in tsd]
+    target.load_state_dict(new, strict=False)
+    return report
+
+
+def check_num_classes(num_classes, who: str) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"{who} num_classes={num_classes!r} is invalid: give a whole number >= 1")
+    return num_classes
+
+
+@dataclass
+class NewHead:
+    """What :func:`new_head` returns: the re-headed copy, the source's state dict (the L2-SP anchor), the new
+    head's parameter names and the transfer report."""
+    hub: HubModel
+    source_state: dict
+    head_names: set
+    copy_report: dict
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.hub.module
+
+
+def new_head(model, num_classes: int, *, pretrained: bool = True, who: str = "method") -> NewHead:
+    """A copy of ``model`` (a spec, Candidate, HubModel or timm model; loaded by :func:`load_model`) with a new
+    ``num_classes`` classifier (``reset_classifier``); every other tensor whose name and shape match is copied
+    from the source (:func:`transfer_weights`). The source module is not changed."""
+    hm = load_model(model, pretrained=pretrained)
+    check_num_classes(num_classes, who)
+    src = hm.module
+    if not hasattr(src, "reset_classifier") or not hasattr(src, "get_classifier"):
+        raise ConfigError(f"{who} needs a timm model (reset_classifier/get_classifier), got {type(src).__name__}")
+    source_state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    target = copy.deepcopy(src)
+    target.reset_classifier(num_classes)
+    heads = head_names(target)
+    report = transfer_weights(source_state, target, skip=heads)
+    return NewHead(HubModel(target, dict(hm.data_config), hm.name, hm.identity, hm.num_params), source_state,
+                   heads, report)
