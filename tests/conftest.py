@@ -48,3 +48,22 @@ def vectors(n=48, d=8, classes=3, seed=0):
     x = torch.randn(n, d, generator=g)
     x[torch.arange(n), y] += 3.0
     return TensorDataset(x, y)
+
+
+def tiny_timm(num_classes=10, seed=0, size=32):
+    """A seeded random-init timm ``test_resnet`` whose data config says ``size`` px and no crop."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", num_classes=num_classes,
+                             pretrained_cfg_overlay={"input_size": (3, size, size), "crop_pct": 1.0})
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """:func:`tiny_timm` in timm's folder format (model.safetensors + config.json), for ``local-dir:`` specs."""
+    from hubtune.tuning import save_timm_folder
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    save_timm_folder(tiny_timm(), d)
+    return d

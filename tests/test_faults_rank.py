@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from hubtune.cli import main
 from hubtune.data import create_dataset, stratified_subsample
-from hubtune.errors import HubtuneError, InputError, ModelNotFoundError, OutputError, WeightsNotAvailableError
+from hubtune.errors import InputError, ModelNotFoundError, OutputError, WeightsNotAvailableError
 from hubtune.features import CacheDamageWarning, ExtractOptions, FeatureCache
 from hubtune.ranking import Ranking, rank
 

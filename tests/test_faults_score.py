@@ -16,13 +16,12 @@ import pytest
 
 import _brute
 from conftest import make_classification
-from hubtune import _io
 from hubtune._io import (
-    atomic_path, atomic_savez, atomic_torch_save, atomic_write_bytes, atomic_write_text, check_writable,
-    load_array, open_array, save_state_dict, write_json,
+    atomic_path, atomic_savez, atomic_torch_save, atomic_write_text, check_writable, load_array, open_array,
+    save_state_dict,
 )
 from hubtune.cli import main
-from hubtune.errors import FeatureFileError, InputError, OutputError
+from hubtune.errors import FeatureFileError, OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ timm = pytest.importorskip("timm")
 import hubtune  # noqa: E402
 from hubtune.cli import main  # noqa: E402
 from hubtune.errors import ConfigError  # noqa: E402
-from hubtune.tuning import METHODS, Method, save_timm_folder  # noqa: E402
+from conftest import tiny_timm as tiny  # noqa: E402
+from hubtune.tuning import METHODS, Method  # noqa: E402
 from hubtune.tuning.losses import BatchSpectralShrinkage, SPRegularization, bss_penalty  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,17 +66,6 @@ class SmoothTune(Method):
 '''
 
 
-def tiny(num_classes=10, seed=0, size=32):
-    torch.manual_seed(seed)
-    return timm.create_model("test_resnet", num_classes=num_classes,
-                             pretrained_cfg_overlay={"input_size": (3, size, size), "crop_pct": 1.0})
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    save_timm_folder(tiny(), d)
-    return d
 
 
 def read(out) -> dict:

@@ -14,7 +14,7 @@ import _brute
 from conftest import make_classification
 from hubtune.errors import EmptyInputError, ShapeError, TooFewClassesError
 from hubtune.scoring import (
-    ESTIMATORS, ETran, GBC, NLEEP, PARC, SFDA, TransRate, TransRateProj, create_estimator, etran, gbc,
+    ESTIMATORS, ETran, NLEEP, PARC, TransRateProj, create_estimator, etran, gbc,
     nleep, parc, sfda, transrate,
 )
 

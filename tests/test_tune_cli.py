@@ -14,6 +14,7 @@ from hubtune.cli import build_parser, main  # noqa: E402
 from hubtune.errors import ConfigError  # noqa: E402
 from hubtune.hub import load_candidate  # noqa: E402
 from hubtune.ranking import CandidateResult, Ranking  # noqa: E402
+from conftest import tiny_timm as tiny  # noqa: E402
 from hubtune.tuning import METHODS, Method, save_timm_folder  # noqa: E402
 from hubtune.tuning.api import load_tune_config  # noqa: E402
 
@@ -21,18 +22,6 @@ from hubtune.tuning.api import load_tune_config  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(num_classes=10, seed=0, size=32):
-    torch.manual_seed(seed)
-    return timm.create_model("test_resnet", num_classes=num_classes,
-                             pretrained_cfg_overlay={"input_size": (3, size, size), "crop_pct": 1.0})
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny timm model in timm's folder format (model.safetensors + config.json), 32 px input."""
-    d = tmp_path_factory.mktemp("tiny-model")
-    save_timm_folder(tiny(), d)
-    return d
 
 
 def read(out):
