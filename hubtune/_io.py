@@ -253,6 +253,11 @@ class ArrayFile:
     def blocks(self, rows: int | None = None):
         raise NotImplementedError
 
+    def _slices(self, rows: int | None):
+        """The row slices of blocks of at most ``rows`` rows (default: :meth:`default_rows`)."""
+        rows = rows or self.default_rows()
+        return [slice(start, min(start + rows, len(self))) for start in range(0, len(self), rows)]
+
     def read(self) -> np.ndarray:
         parts = [b for _, b in self.blocks()]
         return np.concatenate(parts) if parts else np.zeros(self.shape, self.dtype)
@@ -270,9 +275,7 @@ class _InMemory(ArrayFile):
         self._a = array
 
     def blocks(self, rows=None):
-        rows = rows or self.default_rows()
-        for start in range(0, len(self), rows):
-            sl = slice(start, min(start + rows, len(self)))
+        for sl in self._slices(rows):
             yield sl, self._a[sl]
 
     def read(self):
@@ -290,11 +293,9 @@ class _Mapped(ArrayFile):
         self.offset, self.fortran, self.crc = offset, fortran, crc
 
     def blocks(self, rows=None):
-        rows = rows or self.default_rows()
-        n, nbytes = len(self), int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         if nbytes == 0:
-            for start in range(0, n, rows):
-                sl = slice(start, min(start + rows, n))
+            for sl in self._slices(rows):
                 yield sl, np.zeros((sl.stop - sl.start,) + self.shape[1:], self.dtype)
             return
         with open(self.path, "rb") as f:
@@ -306,8 +307,7 @@ class _Mapped(ArrayFile):
             if self.crc is not None and not self.fortran:
                 crc = zlib.crc32(mm[self.crc[0]:self.crc[1]])
             page, released = mmap.PAGESIZE, 0
-            for start in range(0, n, rows):
-                sl = slice(start, min(start + rows, n))
+            for sl in self._slices(rows):
                 block = np.array(view[sl])
                 if crc is not None:
                     crc = zlib.crc32(block.data, crc)
@@ -342,12 +342,11 @@ class _Stream(ArrayFile):
                     whole = np.lib.format.read_array(f, allow_pickle=False)  # noqa: rows are not contiguous
                     yield from _InMemory(whole).blocks(rows)
                     return
-                for start in range(0, len(self), rows):
-                    sl = slice(start, min(start + rows, len(self)))
+                for sl in self._slices(rows):
                     want = (sl.stop - sl.start) * self.row_bytes
                     data = f.read(want)
                     if len(data) != want:
-                        raise self._damaged(f"member {self.member} ends after row {start}")
+                        raise self._damaged(f"member {self.member} ends after row {sl.start}")
                     yield sl, np.frombuffer(data, self.dtype).reshape((sl.stop - sl.start,) + self.shape[1:]).copy()
         except FeatureFileError:
             raise
@@ -367,9 +366,7 @@ class _Tensor(ArrayFile):
         self._t, self._dtype = tensor, dtype
 
     def blocks(self, rows=None):
-        rows = rows or self.default_rows()
-        for start in range(0, len(self), rows):
-            sl = slice(start, min(start + rows, len(self)))
+        for sl in self._slices(rows):
             yield sl, self._t[sl].detach().to(self._dtype).numpy().copy()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._checks import check_count
 from ._io import atomic_path, atomic_savez, atomic_write_text, check_writable, write_json
 from .errors import HubtuneError, InputError, MissingExtraError
 from .scoring import ESTIMATORS, create_estimator
@@ -217,14 +218,8 @@ def _score_candidates(candidates, dataset, metrics, options, rows=None):
 
 
 def _check_count(name: str, flag: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name}={value!r} ({flag}) is not a whole number; pass a positive integer or leave it out")
-    if value < 1:
-        raise InputError(f"{name}={value} ({flag} {value}) must be at least 1; pass a positive integer, or leave "
-                         f"{flag} out to use {'every image' if name != 'top_k' else 'the default'}")
-    return int(value)
+    return check_count(name, value, flag=flag, cure=f"pass a positive integer, or leave {flag} out to use "
+                                                    f"{'every image' if name != 'top_k' else 'the default'}")
 
 
 def check_rank_args(max_samples=None, per_class=None, budget=None, top_k=None) -> None:

@@ -21,12 +21,10 @@ def _training_set(args, data_config, aug):
     """The training images exactly as `hubtune tune` builds them for a model of ``data_config``: the same
     subsample, order, held-out split, training transform and augmentation seed (``data_config`` None: only
     the ImageDataset)."""
-    from ..data import transform_for
     from ..data.augment import train_transform_for
     from ..tuning.api import train_dataset
 
-    transform = None if data_config is None else (
-        train_transform_for(data_config, aug) if aug.enabled else transform_for(data_config))
+    transform = None if data_config is None else train_transform_for(data_config, aug)
     return train_dataset(args.dataset, transform, data_dir=args.data_dir, max_samples=args.max_samples,
                          seed=args.seed, split=args.split, eval_dataset=args.eval_dataset)
 

@@ -1,27 +1,14 @@
 """Deterministic stratified subsampling."""
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
-from ..errors import InputError
+from .._checks import check_count
 from .dataset import ImageDataset
 
 
 def _positive_int(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InputError(f"{name}={value!r} is not an integer; pass a positive integer or None")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name}={value!r} is not an integer; pass a positive integer or None") from None
-    if value < 1:
-        raise InputError(f"{name}={value} must be at least 1 (0 does not mean 'all'); pass a positive integer, "
-                         "or None to keep every image")
-    return value
+    return check_count(name, value, cure="pass a positive integer, or None to keep every image")
 
 
 def stratified_subsample(ds: ImageDataset, max_samples: int | None = None, per_class: int | None = None,

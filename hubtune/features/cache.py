@@ -137,19 +137,6 @@ class CacheEntry:
         self._claims_complete = bool(idx.get("complete"))
         return good, why, False
 
-    def rows_done(self, total: int | None = None) -> int:
-        """Rows the index records as contiguous from row 0 (not checksummed; :meth:`replay` verifies)."""
-        return sum(r["rows"] for r in self._index(total)[0])
-
-    @property
-    def complete(self) -> bool:
-        """The index records every row of the dataset (not checksummed; :meth:`replay` verifies)."""
-        idx, why = _read_json(self.path / "index.json")
-        if why is not None or not isinstance(idx, dict):
-            return False
-        records, problem, _ = self._index(None)
-        return problem is None and sum(r["rows"] for r in records) == idx.get("total_rows")
-
     # -- reading -----------------------------------------------------------------------------------------
     def _load_chunk(self, r: dict, labels, width: int | None):
         """The arrays of chunk record ``r``, or raise ValueError saying what is wrong with it."""
@@ -217,13 +204,6 @@ class CacheEntry:
             self._warn(f"index.json says complete but its chunks hold {held} of {total} rows",
                        f"recomputing from row {held}")
         return done
-
-    def read(self, stop: int | None = None):
-        """Verified (features, logits or None, labels) of the trusted chunks, in row order, up to ``stop``
-        (a list, read whole: :meth:`replay` streams)."""
-        out = []
-        self.replay(lambda f, l, y: out.append((f, l, y)), stop=stop)
-        return out
 
     # -- writing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -309,10 +289,6 @@ class CacheEntry:
             idx["chunks"].sort(key=lambda r: r["start"])
             idx["feature_dim"] = int(np.shape(features)[1]) if np.ndim(features) == 2 else None
             self._write_index(idx)
-
-    def mark_complete(self, info: dict | None = None) -> None:
-        """Kept for callers of the previous API: completeness is now read from the index."""
-
 
 class FeatureCache:
     def __init__(self, root: str | os.PathLike | None = None):

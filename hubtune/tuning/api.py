@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_count
 from ..errors import ConfigError, OutputError, TooFewClassesError
 from .engine import Engine, TrainConfig, prepare_out_dir
 from .method import METHODS, Method, MethodContext, create_method, seed_everything
@@ -131,12 +132,8 @@ def _same_spec(a, b) -> bool:
 
 
 def _check_max_samples(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"max_samples={value!r} is invalid (--max-samples): give a whole number >= 1 (the "
-                          "training images to keep), or leave it out to train on the whole dataset")
-    return int(value)
+    return check_count("max_samples", value, flag="--max-samples", error=ConfigError,
+                       cure="give the training images to keep, or leave it out to train on the whole dataset")
 
 
 def _base_dataset(spec, split: str, data_dir, seed: int, hold_out: bool):
@@ -353,7 +350,7 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     from ..data.augment import train_transform_for
 
     eval_transform = transform_for(m.data_config)
-    train_transform = train_transform_for(m.data_config, aug) if aug.enabled else eval_transform
+    train_transform = train_transform_for(m.data_config, aug)  # with augmentation off: the eval transform
     train_ds = _wrap(src_ds, train_transform, seed)
     if paired:
         from .methods.adaptation import PairedDataset

@@ -5,8 +5,8 @@ Every method (one model or many) uses these, so each exists once:
 
 * :func:`load_models` / :func:`load_model`: specs, Candidates, :class:`HubModel` s or timm modules ->
   :class:`HubModel` records (module, data config, name, identity); the one spec-or-module loader.
-* :func:`data_config_of`: a module's timm data config (``timm.data.resolve_data_config``); the one place it is
-  resolved for a module given without a hub spec.
+* a module given without a hub spec gets its data config from :func:`hubtune.hub.sources.data_config_of`, the
+  one place it is resolved (as for hub candidates).
 * :func:`penultimate_features`: the one penultimate-feature forward (``forward_features`` +
   ``forward_head(pre_logits=True)``, flattened), exactly as the ranking extracts features.
 * :func:`module_identity`: the one module hash (a cache and checkpoint key for a module given without a spec).
@@ -45,14 +45,6 @@ class HubModel:
     identity: str | None = None    # the candidate identity hash (None for a bare module)
     num_params: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def data_config_of(module: torch.nn.Module) -> dict:
-    """The timm data config of a module (``resolve_data_config({}, model=module)``: its ``pretrained_cfg``, else
-    timm's defaults) as a plain dict."""
-    from timm.data import resolve_data_config
-
-    return dict(resolve_data_config({}, model=module))
 
 
 def has_data_config(module: torch.nn.Module) -> bool:
@@ -110,6 +102,8 @@ def load_models(models, *, pretrained: bool = True, role: str = "models") -> lis
         elif hasattr(m, "module") and hasattr(m, "identity") and isinstance(m.module, torch.nn.Module):
             out.append(HubModel(m.module, dict(m.data_config), m.spec, m.identity, m.num_params))
         elif isinstance(m, torch.nn.Module):
+            from ..hub.sources import data_config_of
+
             out.append(HubModel(m, data_config_of(m), type(m).__name__, None,
                                 sum(p.numel() for p in m.parameters())))
         else:

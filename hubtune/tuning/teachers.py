@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_count
 from .._io import atomic_path, write_json
 from ..errors import ConfigError, InputError, TeacherCacheError
 from .models import InputAdapter, has_data_config, load_model, module_identity, view_of
@@ -173,9 +174,8 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 def _positive_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(f"cache_teacher_outputs {name}={v!r} is invalid: give a whole number >= 1")
-    return v
+    return check_count(name, v, error=ConfigError, optional=False,
+                       cure="give cache_teacher_outputs a whole number >= 1")
 
 
 @torch.no_grad()
