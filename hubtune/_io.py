@@ -22,6 +22,13 @@ from .errors import FeatureFileError, InputError, OutputError
 _UMASK_LOCK = threading.Lock()
 
 
+def default_cache_dir() -> Path:
+    """``$HUBTUNE_CACHE``, else ``$XDG_CACHE_HOME/hubtune``, else ``~/.cache/hubtune``."""
+    if os.environ.get("HUBTUNE_CACHE"):
+        return Path(os.environ["HUBTUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubtune"
+
+
 def _umask() -> int:
     """The process umask, read now (it may change after import). Linux reports it in /proc/self/status;
     elsewhere it is read by setting and restoring it, under a lock."""

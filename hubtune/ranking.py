@@ -11,7 +11,9 @@ import csv
 import io
 import json
 import os
+import sys
 import warnings
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,9 @@ class CandidateResult:
     cached: int = 0                   # rows read from the cache
     cache_seconds: float = 0.0        # reading and verifying the cached rows
     overall_images_per_second: float = 0.0  # all n rows (cached + recomputed) over the time they took
+    loaded: bool = False              # the model was constructed in this run (False: answered from the cache)
+    precision_error: dict = field(default_factory=dict)  # metric -> half-width of the precision's tie band
+    tie: str = ""                     # the ranks within the precision's error of this one ("2-4"), "" if none
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Ranking:
     budget: dict | None = None
     weights: dict[str, dict] = field(default_factory=dict, repr=False)  # spec -> LogME columns/weights
     dataset_info: dict | None = None  # spec, split, fingerprint, base_fingerprint, num_classes, max_samples, per_class
+    precision: str | None = None      # the extraction precision (resolved: fp32, bf16, bf16-trunk, bf16-mid)
 
     def top(self, k: int) -> list[str]:
         """The specs of the best ``k`` candidates, best first (``local-dir:``/``file:`` paths absolute, so they
@@ -72,19 +78,32 @@ class Ranking:
         def rate(v):
             return f"{v:.0f}" if v and np.isfinite(v) else "-"
 
-        header = ["rank", "model"] + self.metrics + ["dim", "n", "params", "img/s", "all img/s", "cache"]
-        rows = [[str(c.rank), c.spec_given or c.spec] + [f"{c.scores.get(m, float('nan')):.5g}" for m in self.metrics]
+        ties = any(c.tie for c in self.candidates)
+        err = any(c.precision_error.get(self.metrics[0], 0) for c in self.candidates)
+
+        def score(c, m):
+            e = c.precision_error.get(m, 0.0) if m == self.metrics[0] and err else 0.0
+            return f"{c.scores.get(m, float('nan')):.5g}" + (f" ±{e:.2g}" if e else "")
+
+        header = ["rank"] + (["tie"] if ties else []) + ["model"] + self.metrics + ["dim", "n", "params", "img/s",
+                                                                                     "all img/s", "cache"]
+        rows = [[str(c.rank)] + ([c.tie or "-"] if ties else []) + [c.spec_given or c.spec]
+                + [score(c, m) for m in self.metrics]
                 + [str(c.feature_dim), str(c.n), f"{c.num_params / 1e6:.1f}M", rate(c.images_per_second),
                    rate(c.overall_images_per_second),
                    "hit" if c.cache_hit else (f"{c.cached}/{c.n}" if c.cached else "miss")] for c in self.candidates]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
                  for r in [header, ["-" * w for w in widths]] + rows]
-        lines += [f"skipped {spec}: {why}" for spec, why in self.skipped.items()]
+        if err:
+            lines.append(f"± the {self.metrics[0]} error of {self.precision} extraction (measured against fp32 on a "
+                         "probe); 'tie': ranks within that error of each other, an order not to be read")
+        lines += [f"skipped {_why(spec, why)}" for spec, why in self.skipped.items()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"hubtune": __version__, "dataset": self.dataset, "dataset_info": self.dataset_info,
+                "precision": self.precision,
                 "metrics": self.metrics, "budget": self.budget, "skipped": self.skipped,
                 "candidates": [asdict(c) for c in self.candidates]}
 
@@ -171,7 +190,13 @@ class Ranking:
                                      f"damaged ({type(e).__name__}: {e}); run `hubtune rank --out` again") from None
         info = d.get("dataset_info")
         return cls(dataset=dataset, metrics=metrics, candidates=cands, skipped=d.get("skipped", {}),
-                   budget=d.get("budget"), weights=weights, dataset_info=info if isinstance(info, dict) else None)
+                   budget=d.get("budget"), weights=weights, dataset_info=info if isinstance(info, dict) else None,
+                   precision=d.get("precision"))
+
+
+def _why(spec: str, why: str) -> str:
+    """``spec: why``, without saying the spec twice when the reason starts with it already."""
+    return why if why.startswith(f"{spec}: ") or why.startswith(f"{spec} ") else f"{spec}: {why}"
 
 
 def _safe(spec: str) -> str:
@@ -179,42 +204,209 @@ def _safe(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- rank
-def _score_candidates(candidates, dataset, metrics, options, rows=None):
-    """Stream every candidate's chunks into fresh accumulators; returns (results, stats, failed) where
-    ``failed`` maps the spec of each candidate dropped on the way to the reason."""
+def new_accumulators(metrics, logme_mode: str = "fast") -> dict:
+    """A fresh accumulator per metric; LogME in ``logme_mode`` ("fast": float32 Gram blocks, within 1e-6 of
+    "exact"; see :class:`~hubtune.scoring.logme.LogME`)."""
+    return {m: create_estimator(m, mode=logme_mode) if m == "logme" else create_estimator(m) for m in metrics}
+
+
+def _score_candidates(candidates, dataset, metrics, options, rows=None, logme_mode="fast"):
+    """Stream every candidate's chunks into accumulators created at its first chunk and turned into scores
+    when it is finished (so only the candidates in flight hold statistics); returns (results, stats,
+    failed) where ``failed`` maps the spec of each candidate dropped on the way to the reason."""
     from .features import extract
 
-    accs = {c.spec: {m: create_estimator(m) for m in metrics} for c in candidates}
+    accs, results, failed = {}, {}, {}
 
     def on_chunk(spec, feats, logits, labels):
-        for m, acc in accs[spec].items():
-            kind = ESTIMATORS.get(m).input_kind
-            if kind == "features":
-                acc.update(feats, labels)
-            else:
-                if logits is None:
-                    raise InputError(f"{spec} has no source classifier head, so {m} cannot score it; "
-                                     "use logme or hscore for headless models")
-                acc.update(softmax(logits) if kind == "probs" else logits, labels)
+        if spec not in accs:
+            accs[spec] = new_accumulators(metrics, logme_mode)
+        feed(spec, accs[spec], feats, logits, labels)
 
-    stats = extract(candidates, dataset, options, on_chunk, rows=rows, on_error="skip")
-    results, failed = {}, {}
-    for spec, a in accs.items():
-        if stats[spec].error is not None:
-            failed[spec] = stats[spec].error
-            continue
-        try:
-            results[spec] = {m: acc.result() for m, acc in a.items()}
-        except InputError as e:  # e.g. NaN in a result, an estimator that cannot score these features
-            failed[spec] = f"{spec}: {e}"
-            continue
-        bad = [m for m, r in results[spec].items() if not np.isfinite(r.score)]
-        if bad:
-            failed[spec] = f"{spec}: its {', '.join(bad)} score is not finite"
-            del results[spec]
+    def on_done(spec, st):
+        a = accs.pop(spec, None)
+        if st.error is None:
+            finish(spec, a, results, failed)
+        if spec in failed or st.error is not None:
+            return f"skipped {_why(spec, failed.get(spec) or st.error)}"
+        return _done_line(spec, results[spec], metrics, st)
+
+    stats = extract(candidates, dataset, options, on_chunk, rows=rows, on_error="skip", on_done=on_done)
+    for spec, st in stats.items():
+        if st.error is not None:
+            failed[spec] = st.error
     for spec, why in failed.items():
         warnings.warn(f"skipping {spec}: {why}", stacklevel=3)
     return results, stats, failed
+
+
+def feed(spec, accs: dict, feats, logits, labels) -> None:
+    """One chunk into a candidate's accumulators, each given what its estimator reads."""
+    for m, acc in accs.items():
+        kind = ESTIMATORS.get(m).input_kind
+        if kind == "features":
+            acc.update(feats, labels)
+        else:
+            if logits is None:
+                raise InputError(f"{spec} has no source classifier head, so {m} cannot score it; "
+                                 "use logme or hscore for headless models")
+            acc.update(softmax(logits) if kind == "probs" else logits, labels)
+
+
+def finish(spec, accs: dict | None, results: dict, failed: dict) -> None:
+    """Scores from a finished candidate's accumulators into ``results``, or the reason into ``failed``."""
+    if accs is None:
+        failed[spec] = f"{spec}: no rows reached its scorers"
+        return
+    try:
+        res = {m: acc.result() for m, acc in accs.items()}
+    except InputError as e:  # e.g. NaN in a result, an estimator that cannot score these features
+        failed[spec] = f"{spec}: {e}"
+        return
+    bad = [m for m, r in res.items() if not np.isfinite(r.score)]
+    if bad:
+        failed[spec] = f"{spec}: its {', '.join(bad)} score is not finite"
+        return
+    results[spec] = res
+
+
+def _done_line(spec, res: dict, metrics, st) -> str:
+    scores = "  ".join(f"{m} {res[m].score:.5g}" for m in metrics)
+    how = "cache hit" if st.cache_hit else (f"{st.compute_throughput:.0f} img/s"
+                                            + (f", {st.cached}/{st.n} rows cached" if st.cached else ""))
+    return f"{spec}  {scores}  ({how})"
+
+
+# ------------------------------------------------------------------------------------------- Ray backend
+@dataclass
+class RayOptions:
+    """``backend="ray"``: where to run and how. ``address`` None starts a private local instance on the
+    loopback address (``"auto"`` or ``HOST:PORT`` joins a cluster); ``shard_rows`` splits a candidate's rows
+    into tasks of that many rows (None: one task per candidate); ``runtime_env`` is Ray's (for example
+    ``{"py_modules": [...]}`` on a cluster whose nodes lack hubtune)."""
+
+    address: str | None = None
+    gpus_per_model: float = 0
+    cpus_per_model: float = 1
+    max_retries: int = 2
+    shard_rows: int | None = None
+    runtime_env: dict | None = None
+
+
+def _ray_task(shared: dict, item):
+    """One Ray task: a candidate's rows [lo, hi) extracted (through the cache) into fresh accumulators on the
+    worker; only their state (sufficient statistics) and the extraction statistics travel back."""
+    from .features import extract
+
+    ref, lo, hi = item
+    _fault_hook(ref.spec, lo)
+    ds, metrics = shared["dataset"], shared["metrics"]
+    # the first shard reads the first rows of the whole dataset's cache entry (the one a local run writes);
+    # the others are subsets with entries of their own
+    part, rows = (ds, hi) if lo == 0 else (ds.subset(np.arange(lo, hi)), None)
+    accs = new_accumulators(metrics, shared["logme_mode"])
+    stats = extract([ref], part, shared["options"], lambda spec, f, l, y: feed(spec, accs, f, l, y),
+                    rows=rows, on_error="skip")
+    st = stats[ref.spec]
+    return {"states": None if st.error else {m: a.state_dict() for m, a in accs.items()}, "stats": asdict(st)}
+
+
+def _fault_hook(spec: str, lo: int) -> None:
+    """Tests only: ``HUBTUNE_TEST_RAY_KILL_ONCE=FOLDER`` makes a task kill its own process the first time it
+    runs (a marker file in FOLDER remembers it), as a worker lost mid-task would."""
+    folder = os.environ.get("HUBTUNE_TEST_RAY_KILL_ONCE")
+    if folder:
+        marker = Path(folder) / f"killed-{_safe(spec)}-{lo}"
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+
+def _score_candidates_ray(candidates, dataset, metrics, options, rows, ray_opts: RayOptions, logme_mode="fast"):
+    """The Ray counterpart of :func:`_score_candidates`: one task per (candidate, shard); the driver merges
+    each candidate's shard states in shard order, so the result equals the local one (exactly, for one
+    shard: the same chunks in the same order)."""
+    from dataclasses import replace
+
+    from ._ray import connect, map_tasks
+    from .features.extractor import ExtractStats, _as_ref, _Display
+
+    n = len(dataset) if rows is None else min(int(rows), len(dataset))
+    step = ray_opts.shard_rows or n
+    refs = [_as_ref(c) for c in candidates]
+    items = [(r, lo, min(lo + step, n)) for r in refs for lo in range(0, n, step)]
+    shards = {r.spec: [i for i, it in enumerate(items) if it[0].spec == r.spec] for r in refs}
+    shared = {"dataset": dataset, "metrics": list(metrics), "logme_mode": logme_mode,
+              "options": replace(options, progress=False)}
+    progress = options.progress if options.progress is not None else sys.stderr.isatty()
+    display = _Display(len(items), f"hub ({len(refs)} models, {len(items)} Ray tasks)", progress)
+    outputs: dict[int, object] = {}
+    results, failed, stats = {}, {}, {}
+
+    def collect(spec):
+        parts = [outputs[i] for i in shards[spec]]
+        errors = [p for p in parts if isinstance(p, Exception)] + [p["stats"]["error"] for p in parts
+                                                                     if not isinstance(p, Exception) and p["stats"]["error"]]
+        st = ExtractStats(spec=spec, n=n)
+        if not errors:
+            ps = [ExtractStats(**p["stats"]) for p in parts]
+            for f in ("computed", "cached", "seconds", "cache_seconds"):
+                setattr(st, f, sum(getattr(x, f) for x in ps))
+            st.feature_dim, st.num_classes, st.num_params = ps[0].feature_dim, ps[0].num_classes, ps[0].num_params
+            st.cache_hit, st.loaded = all(x.cache_hit for x in ps), any(x.loaded for x in ps)
+            st.extra = {**ps[0].extra, "ray_tasks": len(ps)}
+            accs = {}
+            for p in parts:  # in shard order: a fixed order of merges
+                for m, state in p["states"].items():
+                    acc = new_accumulators([m], logme_mode)[m].load_state_dict(state)
+                    accs[m] = acc if m not in accs else accs[m].merge(acc)
+            finish(spec, accs, results, failed)
+        else:
+            e = errors[0]
+            failed[spec] = (str(e.cause if hasattr(e, "cause") else e).strip().splitlines() or ["failed"])[0]
+        st.error = failed.get(spec)
+        stats[spec] = st
+        return (f"skipped {_why(spec, failed[spec])}" if spec in failed
+                else _done_line(spec, results[spec], metrics, st))
+
+    def on_result(i, out):
+        outputs[i] = out
+        display.update(1)
+        spec = items[i][0].spec
+        if all(j in outputs for j in shards[spec]):
+            display.write(collect(spec))
+
+    conn = connect(ray_opts.address, runtime_env=ray_opts.runtime_env)
+    try:
+        map_tasks(_ray_task, items, shared=shared, max_retries=ray_opts.max_retries, num_cpus=ray_opts.cpus_per_model,
+                  num_gpus=ray_opts.gpus_per_model, runtime_env=ray_opts.runtime_env, on_result=on_result,
+                  on_error="collect")
+    finally:
+        display.close()
+        conn.shutdown()
+    for spec, why in failed.items():
+        warnings.warn(f"skipping {spec}: {why}", stacklevel=3)
+    return results, {r.spec: stats[r.spec] for r in refs}, failed
+
+
+def _ray_options(given) -> RayOptions:
+    if given is None:
+        return RayOptions()
+    if isinstance(given, dict):
+        unknown = set(given) - set(RayOptions.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"ray_options has unknown keys {sorted(unknown)}; known: "
+                             f"{', '.join(RayOptions.__dataclass_fields__)}")
+        given = RayOptions(**given)
+    if given.shard_rows is not None:
+        check_count("shard_rows", given.shard_rows, flag="--ray-shard-rows", cure="pass a positive integer")
+    if not (isinstance(given.max_retries, int) and given.max_retries >= 0):
+        raise InputError(f"max_retries={given.max_retries!r} must be an integer >= 0")
+    for f in ("gpus_per_model", "cpus_per_model"):
+        v = getattr(given, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise InputError(f"{f}={v!r} (--{f.replace('_', '-')}) must be a number >= 0")
+    return given
 
 
 def _check_count(name: str, flag: str, value) -> int | None:
@@ -245,7 +437,8 @@ def resolve_spec(spec: str) -> str:
 
 def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,
          per_class=None, seed=0, options=None, budget: int | None = None, top_k: int | None = None,
-         out=None, trust_remote_code: bool = False) -> Ranking:
+         out=None, trust_remote_code: bool = False, backend: str = "local",
+         ray_options: RayOptions | dict | None = None, logme_mode: str = "fast") -> Ranking:
     """Rank hub models on a dataset.
 
     models: specs (see ``hubtune.hub.ModelSpec``) or loaded ``Candidate`` objects. ``local-dir:`` and
@@ -260,6 +453,14 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         extracts only the images its sample adds (the rest come from the cache). Scores of candidates
         dropped early come from smaller samples; the ranking lists candidates by rounds survived, then
         by score.
+
+    logme_mode: "fast" (default: float32 Gram blocks accumulated in float64, a tridiagonal solver; the score
+        is within 1e-6 relative of "exact", far below the gaps between candidates and the features' own
+        precision) or "exact" (float64 throughout, equal to the reference to 1e-9).
+    backend: "local" (this process; candidates loaded one at a time, see ``ExtractOptions.max_resident``) or
+        "ray" (one Ray task per candidate, and per ``shard_rows`` rows, each extracting through the cache and
+        merging its accumulators on the worker; see :class:`RayOptions`, given as ``ray_options``). The
+        result equals the local one; a failed task is retried ``max_retries`` times.
 
     One bad candidate never sinks the hub: a model that does not load (missing, truncated or damaged
     weights, a bad ``config.json``), whose outputs are NaN/Inf, or that a metric cannot score is skipped
@@ -276,6 +477,17 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
     for m in metrics:
         ESTIMATORS.get(m)
     options = options or ExtractOptions()
+    if backend not in ("local", "ray"):
+        raise InputError(f"backend={backend!r} is not one of local, ray")
+    if backend == "ray":
+        ray_options = _ray_options(ray_options)
+        from ._ray import import_ray
+
+        import_ray()  # MissingExtraError naming the extra, before any work
+    if logme_mode not in ("fast", "exact"):
+        raise InputError(f"logme_mode={logme_mode!r} is not one of fast, exact")
+    score = (partial(_score_candidates, logme_mode=logme_mode) if backend == "local" else
+             partial(_score_candidates_ray, ray_opts=ray_options, logme_mode=logme_mode))
     if out is not None:
         check_writable(out)
     if options.use_cache:
@@ -296,10 +508,10 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
             candidates.append(m)
             given[m.spec] = m.spec
             continue
-        from .hub import load_candidate
+        from .hub import identify_candidate
 
-        try:
-            cand = load_candidate(resolve_spec(m), trust_remote_code=trust_remote_code)
+        try:  # the identity and transform, without loading the weights: a candidate loads at its turn
+            cand = identify_candidate(resolve_spec(m), trust_remote_code=trust_remote_code)
         except HubtuneError as e:
             warnings.warn(f"skipping {m}: {e}", stacklevel=2)
             skipped[m] = str(e)
@@ -314,7 +526,7 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         candidates.append(cand)
         given[cand.spec] = m
     if not candidates:
-        raise InputError("no candidate could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        raise InputError("no candidate could be loaded: " + "; ".join(_why(k, v) for k, v in skipped.items()))
 
     def drop(failed):
         for spec, why in failed.items():
@@ -329,7 +541,7 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         target = top_k or 1
         while True:
             size = min(size, len(ds_order))
-            results, stats, failed = _score_candidates(keep, ds_order, metrics, options, rows=size)
+            results, stats, failed = score(keep, ds_order, metrics, options, rows=size)
             drop(failed)
             history.append({"samples": size, "candidates": [c.spec for c in keep],
                             "forward_passes": int(sum(st.computed for st in stats.values()))})
@@ -352,17 +564,15 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
                        "forward_passes": int(sum(h["forward_passes"] for h in history)),
                        "forward_passes_full_ranking": len(ds_order) * len(candidates)}
     else:
-        results, stats, failed = _score_candidates(candidates, ds, metrics, options)
+        results, stats, failed = score(candidates, ds, metrics, options, rows=None)
         drop(failed)
         _record([c for c in candidates if c.spec in results], results, stats, rounds, recorded)
     entries = list(recorded.values())
     if not entries:
-        raise InputError("no candidate could be ranked: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        raise InputError("no candidate could be ranked: " + "; ".join(_why(k, v) for k, v in skipped.items()))
 
-    params = {c.spec: c.num_params for c in candidates}
     weights = {}
     for e in entries:
-        e.num_params = params.get(e.spec, 0)
         e.spec_given = given.get(e.spec, e.spec)
         res = e.__dict__.pop("_logme", None)
         if res is not None:
@@ -371,11 +581,62 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
     entries.sort(key=lambda e: (-e.rounds, -e.scores[metrics[0]]))
     for i, e in enumerate(entries, 1):
         e.rank = i
+    by_spec = {c.spec: c for c in candidates}
+    precision = _tie_bands(entries, [by_spec[e.spec] for e in entries], ds, metrics, options, seed)
     ranking = Ranking(dataset=ds.name, metrics=metrics, candidates=entries, skipped=skipped, budget=budget_info,
-                      weights=weights, dataset_info=dataset_info)
+                      weights=weights, dataset_info=dataset_info, precision=precision)
     if out is not None:
         ranking.save(out)
     return ranking
+
+
+#: rows of the stratified probe on which a low precision is compared with fp32
+PROBE_ROWS = 256
+
+
+def _tie_bands(entries, refs, ds, metrics, options, seed) -> str:
+    """Each entry's precision error (``precision_error``) and tie group (``tie``); returns the precision.
+
+    fp32 is the reference: its error is 0. Under a bf16 policy every candidate's first :data:`PROBE_ROWS`
+    rows of a stratified order are extracted in that policy and in fp32 (through the cache, so a second run
+    loads nothing) and scored; the error is ``PROBE_SAFETY`` x the largest score difference on the probe and
+    its halves (:func:`hubtune.features.precision.probe_error`). Candidates whose intervals [s - e, s + e]
+    chain together form a tie group (among candidates that survived the same number of halving rounds)."""
+    from dataclasses import replace
+
+    from .features import extract
+    from .features.extractor import resolve_device
+    from .features.precision import probe_diffs, resolve_precision, score_error, tie_labels
+
+    precision = resolve_precision(options.precision, resolve_device(options.device))
+    if precision == "fp32":
+        for e in entries:
+            e.precision_error = {m: 0.0 for m in metrics}
+        return precision
+    probe = ds.subset(stratified_order(ds.labels, seed)[:PROBE_ROWS])
+    for e, ref in zip(entries, refs):
+        got = {}
+        try:
+            for p in (precision, "fp32"):
+                parts = []
+                extract([ref], probe, replace(options, precision=p, progress=False),
+                        lambda s, f, l, y: parts.append((f, l)), on_error="raise")
+                got[p] = (np.concatenate([f for f, _ in parts]),
+                          None if parts[0][1] is None else np.concatenate([l for _, l in parts]))
+            diffs = probe_diffs(metrics, got[precision], got["fp32"], probe.labels)
+            e.precision_error = {m: score_error(max(abs(v) for v in d.values())) for m, d in diffs.items()}
+        except HubtuneError as err:  # the probe could not be scored: the error is unknown, ties with all
+            warnings.warn(f"{e.spec}: the precision probe failed ({err}); its tie band is unknown", stacklevel=3)
+            e.precision_error = {m: float("inf") for m in metrics}
+    m0, start = metrics[0], 0
+    for rounds in sorted({e.rounds for e in entries}, reverse=True):
+        group = [e for e in entries if e.rounds == rounds]
+        labels = tie_labels({e.spec: e.scores[m0] for e in group}, {e.spec: e.precision_error[m0] for e in group})
+        for e in group:
+            lo, _, hi = labels[e.spec].partition("-")
+            e.tie = f"{int(lo) + start}-{int(hi) + start}" if hi else ""
+        start += len(group)
+    return precision
 
 
 def stratified_order(labels, seed: int = 0) -> np.ndarray:
@@ -398,6 +659,7 @@ def _record(cands, results, stats, rounds, into: dict) -> None:
                             feature_dim=st.feature_dim, num_source_classes=st.num_classes, n=st.n,
                             seconds=st.seconds, images_per_second=_finite(st.compute_throughput),
                             cache_hit=st.cache_hit, rounds=rounds[c.spec], computed=st.computed,
+                            num_params=st.num_params, loaded=st.loaded,
                             cached=st.cached, cache_seconds=st.cache_seconds,
                             overall_images_per_second=_finite(st.throughput))
         if "logme" in results[c.spec]:

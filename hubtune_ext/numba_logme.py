@@ -64,6 +64,32 @@ def _build(cache: bool):
 
 def fixed_point_numba(s, PT, sy2, n, dim, dual, max_iter, tol):
     """s (k,), PT (C, k) C-contiguous, sy2 (C,). Returns the tuple documented in _fixed_point."""
+    with _keep_torch_threads():
+        return _run(s, PT, sy2, n, dim, dual, max_iter, tol)
+
+
+class _keep_torch_threads:
+    """numba's OpenMP threading layer shares the process's OpenMP runtime with torch, and launching a parallel
+    kernel sets that runtime's thread count to numba's (all cores): afterwards torch would ignore
+    ``torch.set_num_threads`` / ``OMP_NUM_THREADS`` (and its float results change with the thread count).
+    This runs the kernel with at most torch's thread count and puts torch's setting back."""
+
+    def __enter__(self):
+        import sys
+
+        import numba
+
+        self.torch = sys.modules.get("torch")
+        self.threads = self.torch.get_num_threads() if self.torch is not None else None
+        if self.threads is not None:
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+
+    def __exit__(self, *exc):
+        if self.threads is not None and self.torch.get_num_threads() != self.threads:
+            self.torch.set_num_threads(self.threads)
+
+
+def _run(s, PT, sy2, n, dim, dual, max_iter, tol):
     global _kernel, kernel_is_cached
     args = (s, PT, sy2, n, dim, dual, max_iter, tol)
     if _kernel is None:

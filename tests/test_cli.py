@@ -111,7 +111,8 @@ def test_rank_cli_skips_unavailable_models_and_fails_when_none_load(tmp_path, ca
     assert "skipped hf-hub:nobody/nothing" in capsys.readouterr().out
     with pytest.warns(UserWarning):
         assert main(base + ["--models", "hf-hub:nobody/nothing"]) == 2
-    assert "no candidate could be loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no candidate could be ranked: hf-hub:nobody/nothing: config.json not available" in err
 
 
 def test_hub_info_and_list(capsys):

@@ -324,3 +324,220 @@ def test_target_type_follows_scikit_learn():
              np.array([[1], [2], [3]])]
     for y in cases:
         assert target_type(y) == kinds[type_of_target(y)], y
+
+
+# ------------------------------------------------------------------ mode="fast" (issue: LogME at 8x)
+def realistic_features(n, d, classes, seed, kind="relu"):
+    """Float32 features shaped like a network's: correlated, with class structure and a common offset.
+    relu: ReLU of a mixed Gaussian (≈ half zeros); gelu; lowrank: non-negative, rank 64 (FᵀF singular);
+    massive: a few dimensions 100x larger or offset by 300 (as in transformer activations)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    if kind == "lowrank":
+        z = np.abs(rng.standard_normal((n, 64)) + rng.standard_normal((classes, 64))[y])
+        return (z @ np.abs(rng.standard_normal((64, d))) / 8.0).astype(np.float32), y
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    z = (rng.standard_normal((n, d)) + rng.standard_normal((classes, d))[y]) @ mix * 2.0
+    if kind == "relu":
+        F = np.maximum(z + 0.3, 0.0)
+    elif kind == "gelu":
+        F = z / (1.0 + np.exp(-1.702 * z))
+    else:
+        F = z
+        F[:, :4] *= 100.0
+        F[:, 4:8] += 300.0
+    return F.astype(np.float32), y
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+FAST_CASES = [  # (kind, D, n / D, classes): n from below D (dual form) to far above it
+    ("relu", 256, 0.5, 10), ("relu", 256, 1.1, 10), ("relu", 256, 3, 50), ("relu", 256, 24, 100),
+    ("relu", 512, 1.5, 20), ("relu", 512, 8, 100), ("relu", 1024, 1.05, 10), ("relu", 1024, 5, 100),
+    ("gelu", 512, 4, 20), ("lowrank", 512, 3, 20), ("massive", 256, 6, 10),
+]
+
+
+@pytest.mark.parametrize("kind,d,ratio,classes", FAST_CASES, ids=[f"{c[0]}-D{c[1]}-n{c[2]}D" for c in FAST_CASES])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_mode_is_within_1e6_of_exact(kind, d, ratio, classes, seed):
+    F, y = realistic_features(int(ratio * d), d, classes, seed, kind)
+    exact, fast = logme(F, y), logme(F, y, mode="fast")
+    assert abs(exact.score) > 0.05  # a relative bound means something here
+    assert fast.form == exact.form and fast.converged_columns.tolist() == exact.converged_columns.tolist()
+    assert rel(fast.score, exact.score) <= 1e-6
+    np.testing.assert_allclose(fast.evidence, exact.evidence, rtol=1e-5)
+    np.testing.assert_allclose(fast.alpha, exact.alpha, rtol=1e-3)
+    np.testing.assert_allclose(fast.weights, exact.weights, rtol=1e-2, atol=1e-3 * np.abs(exact.weights).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_mode_is_within_1e6_of_the_brute_force(seed):
+    F, y = realistic_features(700, 128, 8, seed)
+    ref = _brute.logme(F.astype(np.float64), y, "classification")
+    assert rel(logme(F, y, mode="fast").score, ref["score"]) <= 1e-6
+    assert rel(logme(F, y).score, ref["score"]) <= RTOL
+
+
+def test_fast_tridiagonal_solver_is_exact_in_float64():
+    """Everything but the float32 products is float64: on float64 products (regression targets keep them
+    in fast mode) the tridiagonal fixed point gives the eigendecomposition's numbers."""
+    from hubtune.scoring._fixed_point import Tridiagonal, fixed_point_numpy, fixed_point_tridiagonal
+
+    for n, d in ((500, 120), (90, 150)):  # full rank, and FᵀF singular
+        F, y = realistic_features(n, d, 6, seed=d)
+        F = F.astype(np.float64)
+        Y = (y[:, None] == np.arange(6)).astype(np.float64)
+        G, B = F.T @ F, F.T @ Y
+        tri = Tridiagonal(np.asfortranarray(np.triu(G)), nb=16)
+        s, V = np.linalg.eigh(G)
+        np.testing.assert_allclose(tri.s, s, rtol=0, atol=1e-12 * s.max())
+        np.testing.assert_allclose(tri.from_basis(tri.to_basis(B)), B, rtol=0, atol=1e-12 * np.abs(B).max())
+        z = V.T @ B
+        ref = fixed_point_numpy(np.maximum(s, 0), z * z, Y.sum(axis=0), n, d, False)
+        got = fixed_point_tridiagonal(tri, tri.to_basis(B), Y.sum(axis=0), n, d)
+        np.testing.assert_allclose(got["evidence"], ref["evidence"], rtol=1e-10)
+        np.testing.assert_array_equal(got["iterations"], ref["iterations"])
+        m_ref = V @ (z / (np.maximum(s, 0)[:, None] + ref["t"][None, :]))
+        np.testing.assert_allclose(tri.from_basis(got["w"]), m_ref, rtol=0, atol=1e-9 * np.abs(m_ref).max())
+
+
+def test_fast_regression_and_multilabel_keep_float64_products():
+    rng = np.random.default_rng(3)
+    F = rng.standard_normal((900, 40)).astype(np.float32)
+    t = F.astype(np.float64) @ rng.standard_normal(40) + 0.01 * rng.standard_normal(900)  # a near-perfect fit
+    assert rel(logme(F, t, mode="fast").score, logme(F, t).score) <= 1e-10
+    Y = (F[:, :3] + 0.5 * rng.standard_normal((900, 3)) > 0).astype(np.int64)
+    assert rel(logme(F, Y, mode="fast").score, logme(F, Y).score) <= 1e-10
+
+
+@pytest.fixture
+def small_fast_blocks(monkeypatch):
+    """Float32 blocks of 96 rows, so small inputs span several blocks and a staged remainder."""
+    import hubtune.scoring.gram as gram
+
+    monkeypatch.setattr(gram, "fast_block_rows", lambda dim: 96)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(1, 150), min_size=2, max_size=8))
+def test_fast_mode_any_chunking_equals_one_shot(seed, sizes):
+    import hubtune.scoring.gram as gram
+
+    original, gram.fast_block_rows = gram.fast_block_rows, (lambda dim: 96)
+    try:
+        n = sum(sizes)
+        F, y = realistic_features(n, 24, 4, seed % 1000)
+        y[:2] = [0, 1]  # at least two classes
+        one = logme(F, y, mode="fast")
+        acc = LogME(mode="fast")
+        start = 0
+        for size in sizes:
+            acc.update(F[start:start + size], y[start:start + size])
+            start += size
+        res = acc.result()
+    finally:
+        gram.fast_block_rows = original
+    assert rel(res.score, one.score) <= 1e-9
+    np.testing.assert_allclose(res.evidence, one.evidence, rtol=1e-9)
+
+
+def test_fast_mode_chunks_merge_and_state(small_fast_blocks, tmp_path):
+    F, y = realistic_features(1000, 32, 5, seed=8)
+    one, exact = logme(F, y, mode="fast"), logme(F, y)
+    assert rel(one.score, exact.score) <= 1e-6
+    acc = LogME(mode="fast")
+    for part in np.array_split(np.arange(1000), 17):
+        acc.update(F[part], y[part])
+        acc.result()  # reading mid-stream commits nothing: the blocks stay those of one shot
+    assert rel(acc.result().score, one.score) <= 1e-9
+    # merged shards: their float32 blocks differ from one shot's, so equal within the fast mode's bound
+    shards = [LogME(mode="fast").update(F[p], y[p]) for p in np.array_split(np.arange(1000), 4)]
+    for s in shards[1:]:
+        shards[0].merge(s)
+    assert rel(shards[0].result().score, exact.score) <= 1e-6
+    assert rel(shards[0].result().score, one.score) <= 1e-6
+    # the state records the mode and survives a round trip through .npz
+    state = acc.state_dict()
+    assert state["mode"] == "fast"
+    np.savez(tmp_path / "s.npz", **_flat(state))
+    resumed = LogME().load_state_dict(_unflat(dict(np.load(tmp_path / "s.npz", allow_pickle=False))))
+    assert resumed.mode == "fast"
+    assert rel(resumed.result().score, one.score) <= 1e-9
+    resumed.update(F[:300], y[:300])
+    more = LogME(mode="fast").update(np.concatenate([F, F[:300]]), np.concatenate([y, y[:300]]))
+    assert rel(resumed.result().score, more.result().score) <= 1e-6
+
+
+def test_fast_mode_from_few_rows_to_many():
+    """Rows kept for the dual form (n ≤ D) are exact in both modes; crossing D moves them into FᵀF."""
+    F, y = realistic_features(600, 200, 6, seed=5)
+    assert logme(F[:150], y[:150], mode="fast").score == logme(F[:150], y[:150]).score
+    acc = LogME(mode="fast").update(F[:150], y[:150]).update(F[150:], y[150:])
+    assert acc.result().form == "primal"
+    assert rel(acc.result().score, logme(F, y).score) <= 1e-6
+
+
+def test_mode_is_validated_and_reachable_by_name():
+    F, y = make_classification(60, 5, 3)
+    for bad in ("quick", "FAST", None):
+        with pytest.raises(InputError, match=rf"mode={bad!r} is not one of exact, fast"):
+            LogME(mode=bad)
+    with pytest.raises(InputError, match="mode='float32'"):
+        logme(F, y, mode="float32")
+    with pytest.raises(InputError, match="accumulate_on='gpu'"):
+        LogME(accumulate_on="gpu")
+    acc = create_estimator("logme", mode="fast")
+    assert isinstance(acc, LogME) and acc.mode == "fast"
+    assert LogME().mode == "exact"
+    state = LogME(mode="fast").update(F, y).state_dict()
+    with pytest.raises(InputError, match="mode='turbo'"):
+        LogME().load_state_dict({**state, "mode": "turbo"})
+    legacy = {k: v for k, v in LogME().update(F, y).state_dict().items() if k != "mode"}
+    assert LogME(mode="fast").load_state_dict(legacy).mode == "exact"  # states from before modes
+
+
+def test_merging_modes():
+    F, y = realistic_features(900, 64, 5, seed=2)
+    exact_part = LogME().update(F[:450], y[:450])
+    fast_part = LogME(mode="fast").update(F[450:], y[450:])
+    with pytest.raises(InputError, match="cannot merge a LogME\\(mode='fast'\\) into a LogME\\(mode='exact'\\)"):
+        LogME().update(F[:450], y[:450]).merge(fast_part)
+    with pytest.raises(InputError, match="mode='fast'"):
+        LogME().merge(LogME(mode="fast"))  # refused even before any data: the rule is about modes
+    merged = fast_part.merge(exact_part)  # exact statistics into a fast accumulator: it stays fast
+    assert merged.mode == "fast" and merged.state_dict()["mode"] == "fast"
+    assert rel(merged.result().score, logme(F, y).score) <= 1e-6
+    empty = LogME(mode="fast").merge(LogME().update(F, y))
+    assert empty.mode == "fast" and rel(empty.result().score, logme(F, y).score) <= 1e-10
+
+
+def test_torch_accumulation_on_the_tensor_device():
+    """Tensors on a GPU are accumulated there; accumulate_on="torch" takes the same code path for CPU
+    tensors, so it is tested here: same numbers as NumPy."""
+    torch = pytest.importorskip("torch")
+    F, y = realistic_features(3000, 96, 7, seed=4)
+    Ft, yt = torch.from_numpy(F), torch.from_numpy(y)
+    exact = logme(F, y)
+    for mode, bound in (("exact", 1e-12), ("fast", 1e-6)):
+        acc = LogME(mode=mode, accumulate_on="torch")
+        for part in torch.arange(3000).tensor_split(7):
+            acc.update(Ft[part], yt[part])
+        assert acc._moments._device_gram is not None  # it did go through torch
+        assert rel(acc.result().score, exact.score) <= bound
+        state = acc.state_dict()  # flushed to NumPy: the state is the same as without a device
+        assert isinstance(state["moments"]["gram"], np.ndarray)
+        assert rel(LogME().load_state_dict(state).result().score, exact.score) <= bound
+    # regression targets, float64 products on the device
+    t = F[:, :3].astype(np.float64) @ np.ones(3) + 0.1 * np.random.default_rng(0).standard_normal(3000)
+    got = LogME(mode="fast", accumulate_on="torch").update(Ft, torch.from_numpy(t)).result().score
+    assert rel(got, logme(F, t).score) <= 1e-10
+    # auto: CPU tensors go through NumPy; bad tensors get the NumPy checks' errors
+    auto = LogME(mode="fast").update(Ft, yt)
+    assert auto._moments._device_gram is None
+    bad = Ft.clone()
+    bad[5, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="1 of 3000 rows"):
+        LogME(accumulate_on="torch").update(bad, yt)

@@ -90,7 +90,9 @@ def test_bf16_features_rank_like_fp32(tmp_path, digits):
 
 def test_interrupted_extraction_resumes(tmp_path, digits):
     cands = [TinyCandidate("tiny-a", 0), TinyCandidate("tiny-c", 2)]
-    opts = ExtractOptions(batch_size=16, chunk_size=40, precision="fp32", cache_dir=str(tmp_path), progress=False)
+    # both resident at once, so they advance chunk by chunk together
+    opts = ExtractOptions(batch_size=16, chunk_size=40, precision="fp32", cache_dir=str(tmp_path), progress=False,
+                          max_resident=2)
     seen = []
 
     def boom(spec, f, l, y):

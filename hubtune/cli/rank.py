@@ -15,14 +15,22 @@ def _cmd_rank(args) -> int:
     options = ExtractOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
                              precision=args.precision, compile=False if args.no_compile else "auto",
                              cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                             progress=False if args.quiet else None)
+                             progress=False if args.quiet else None, max_resident=args.max_resident,
+                             num_workers="auto" if args.num_workers is None else args.num_workers)
+    ray_options = None
+    if args.backend == "ray":
+        from ..ranking import RayOptions
+
+        ray_options = RayOptions(address=args.ray_address, gpus_per_model=args.gpus_per_model,
+                                 max_retries=args.max_retries, shard_rows=args.ray_shard_rows)
     specs = _hub_specs(args)
     if not args.quiet:
         print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
     ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
                    data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
                    options=options, budget=args.budget, top_k=args.top_k, out=args.out,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, backend=args.backend, ray_options=ray_options,
+                   logme_mode="exact" if args.exact else "fast")
     print(ranking.table())
     if args.top_k:
         top = ranking.candidates[:args.top_k]
@@ -67,6 +75,25 @@ def add_parser(sub, lazy: bool = False) -> None:
     rk.add_argument("--cache-dir")
     rk.add_argument("--no-cache", action="store_true")
     rk.add_argument("--quiet", action="store_true")
+    rk.add_argument("--exact", action="store_true",
+                    help="LogME in float64 throughout (equal to the reference to 1e-9); the default fast mode "
+                         "(float32 Gram blocks) is within 1e-6 relative of it")
+    rk.add_argument("--max-resident", type=int,
+                    help="models loaded at once (default 1): peak memory is about the largest model plus one "
+                         "chunk, whatever the hub's size")
+    rk.add_argument("--num-workers", type=int,
+                    help="DataLoader processes that decode images while the models run (default: 0 below 256 "
+                         "images, else up to 4)")
+    rk.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="ray: one Ray task per candidate (pip install 'hubtune[ray]'); the result equals local")
+    rk.add_argument("--ray-address",
+                    help="with --backend ray: 'auto' or HOST:PORT of a running cluster (default: start a "
+                         "private local instance on 127.0.0.1)")
+    rk.add_argument("--gpus-per-model", type=float, default=0, help="with --backend ray: GPUs each task asks for")
+    rk.add_argument("--ray-shard-rows", type=int,
+                    help="with --backend ray: split each candidate's rows into tasks of this many rows")
+    rk.add_argument("--max-retries", type=int, default=2,
+                    help="with --backend ray: attempts after a task fails or its worker dies")
     rk.add_argument("--trust-remote-code", action="store_true",
                     help="let Hugging Face repos that ship their own model code run it (off by default)")
     rk.set_defaults(func=_cmd_rank)

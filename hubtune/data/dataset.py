@@ -179,41 +179,86 @@ class PythonDataset(ImageDataset):
     """Wraps any indexable dataset (a ``torch.utils.data.Dataset`` or a plain sequence) whose items are
     ``(image, label)`` with ``image`` a PIL image, an ndarray or a tensor (see :func:`to_pil`).
 
-    Creating one reads every item once, to collect the labels and hash the decoded pixels (mode, size and
-    bytes of each image, in order) together with the labels: that hash is the fingerprint. ``image(i)``
-    reads ``dataset[i]`` again, so the dataset must be deterministic: no random augmentation."""
+    Labels come from the dataset's ``targets`` (or ``labels``) attribute when it has one of the right length,
+    as torchvision's datasets do; only then is nothing decoded at construction (the first item is read once,
+    to check it). Otherwise every item is read once for its label, and its pixels are hashed on the way.
 
-    def __init__(self, dataset, name: str | None = None):
+    The fingerprint (the cache key of its features) is the hash of every decoded image (mode, size, bytes, in
+    order) and the labels, computed on first use; or, with ``key``, of your key, the length and the labels,
+    with no image decoded: give a new key whenever the content changes. ``image(i)`` reads ``dataset[i]``
+    again, so the dataset must be deterministic: no random augmentation."""
+
+    def __init__(self, dataset, name: str | None = None, key: str | None = None):
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise InputError(
                 f"{type(dataset).__name__} has no __getitem__/__len__; pass a map-style torch Dataset or a "
                 "sequence of (image, label) pairs (an IterableDataset can be listed first: list(ds))"
             )
+        if key is not None and not (isinstance(key, str) and key):
+            raise InputError(f"key={key!r} must be a non-empty string naming this dataset's content (e.g. a version)")
         name = name or f"python:{type(dataset).__name__}"
         n = len(dataset)
         if n == 0:
             raise EmptyInputError(f"{name} is empty; pass a dataset with at least one (image, label) pair")
-        h = hashlib.sha256(_FINGERPRINT_VERSION)
-        _hash_str(h, "python")
-        labels = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            img, label = _split_item(dataset[i], i, name)
-            labels[i] = _as_label(label, i, name)
-            _hash_image(h, to_pil(img, where=f"{name}[{i}]"))
+        labels = _label_attribute(dataset, n, name)
+        h = None
+        if labels is None:  # every item must be read for its label: hash its pixels on the way
+            h = None if key is not None else hashlib.sha256(_FINGERPRINT_VERSION)
+            if h is not None:
+                _hash_str(h, "python")
+            labels = np.empty(n, dtype=np.int64)
+            for i in range(n):
+                img, label = _split_item(dataset[i], i, name)
+                labels[i] = _as_label(label, i, name)
+                if h is not None or i == 0:
+                    pil = to_pil(img, where=f"{name}[{i}]")
+                    if h is not None:
+                        _hash_image(h, pil)
+        else:
+            img, label = _split_item(dataset[0], 0, name)  # one read: the layout and the pixel range
+            to_pil(img, where=f"{name}[0]")
+            if _as_label(label, 0, name) != labels[0]:
+                raise InputError(f"{name}.targets[0] = {labels[0]} but {name}[0] has label {label!r}; "
+                                 "the targets attribute must list the items' labels in order")
         classes = getattr(dataset, "classes", None)
         if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
             classes = None
         super().__init__(name, labels, classes=classes)
         self.dataset = dataset
-        self._hash_meta(h)
-        self._fingerprint = h.hexdigest()
+        self.key = key
+        if h is not None:
+            self._hash_meta(h)
+            self._fingerprint = h.hexdigest()
 
     def _load(self, i: int) -> Image.Image:
         img, _ = _split_item(self.dataset[i], i, self.name)
         return to_pil(img, where=f"{self.name}[{i}]")
 
-    def _hash_content(self, h) -> None:  # pragma: no cover - the fingerprint is set in __init__
-        raise AssertionError("unreachable")
+    def _hash_content(self, h) -> None:
+        if self.key is not None:
+            _hash_str(h, f"python-key\0{self.key}\0{len(self)}")
+        else:  # decodes every image once, on first use of the fingerprint
+            _hash_str(h, "python")
+            for i in range(len(self)):
+                _hash_image(h, self._load(i))
+        self._hash_meta(h)
+
+
+def _label_attribute(dataset, n: int, name: str) -> np.ndarray | None:
+    """The labels of ``dataset.targets`` (or ``.labels``) when it is a 1-D integer sequence of length n."""
+    for attr in ("targets", "labels"):
+        v = getattr(dataset, attr, None)
+        if v is None or callable(v):
+            continue
+        try:
+            arr = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+        except Exception:  # noqa: BLE001 - not an array: fall back to reading the items
+            continue
+        if arr.ndim == 1 and len(arr) == n and (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            if arr.size and arr.min() < 0:
+                raise InputError(f"{name}.{attr} holds label {int(arr.min())}; labels must be 0, 1, ..., C-1")
+            return arr.astype(np.int64)
+    return None
 
 
 class SubsetDataset(ImageDataset):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write_bytes, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text, default_cache_dir
 from ..errors import CacheCorruptError
 
 FORMAT = "hubtune-feature-cache-v2"
@@ -43,13 +43,6 @@ _KEY_FIELDS = {"spec", "identity", "dataset", "transform", "precision"}
 
 class CacheDamageWarning(UserWarning):
     """A cache entry failed verification; it is named in the message and its damaged part is recomputed."""
-
-
-def default_cache_dir() -> Path:
-    """``$HUBTUNE_CACHE``, else ``$XDG_CACHE_HOME/hubtune``, else ``~/.cache/hubtune``."""
-    if os.environ.get("HUBTUNE_CACHE"):
-        return Path(os.environ["HUBTUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubtune"
 
 
 def _key_digest(key: dict) -> str:

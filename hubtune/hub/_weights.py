@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -210,21 +211,59 @@ def _is_safetensors(path: Path) -> bool:
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+#: the memo file, under the hubtune cache root: {"<real path>": [size, mtime_ns, sha256], ...}
+MEMO_NAME = "weights-sha256.json"
+
+
+def memo_path() -> Path:
+    from .._io import default_cache_dir
+
+    return default_cache_dir() / MEMO_NAME
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _remember(real: Path, size: int, mtime_ns: int, digest: str) -> None:
+    """Add one hash to the memo file (read, merge, atomic rewrite). A memo that cannot be written costs only
+    a re-hash next time, so failures are ignored."""
+    from .._io import atomic_write_text
+
+    path = memo_path()
+    try:
+        memo = _read_memo(path)
+        memo[str(real)] = [size, mtime_ns, digest]
+        atomic_write_text(path, json.dumps(memo, indent=0, sort_keys=True))
+    except Exception:  # noqa: BLE001 - a read-only or full cache folder: the memo is only an optimisation
+        pass
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's content. An HF cache blob is named by that sha256 already (LFS), so it is reused."""
+    """sha256 of a file's content, memoised by (real path, size, mtime) in memory and in the memo file
+    ``weights-sha256.json`` of the cache root, so a second ``hubtune rank`` of a large hub hashes nothing.
+    An HF cache blob is named by that sha256 already (LFS), so it is reused."""
     real = Path(path).resolve()
     if real.parent.name == "blobs" and _SHA.match(real.name):
         return real.name
     st = real.stat()
     key = (str(real), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        got = _read_memo(memo_path()).get(str(real))
+        if (isinstance(got, list) and len(got) == 3 and got[:2] == [st.st_size, st.st_mtime_ns]
+                and isinstance(got[2], str) and _SHA.match(got[2])):
+            _HASHES[key] = got[2]
+        else:
+            h = hashlib.sha256()
+            with open(real, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _HASHES[key] = h.hexdigest()
+            _remember(real, st.st_size, st.st_mtime_ns, _HASHES[key])
     return _HASHES[key]
 
 

