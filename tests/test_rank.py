@@ -170,10 +170,12 @@ def test_successive_halving_spends_less_and_keeps_finalists(tmp_path, digits):
         assert c.scores["logme"] == pytest.approx(on60[c.spec] if c.rounds > 1 else on30[c.spec], rel=1e-4)
 
 
-def test_progress_bars_per_candidate_and_hub(digits, capsys):
+def test_one_progress_display_for_the_hub(digits, capsys):
+    """One bar for the hub (not one per candidate) and one line per finished candidate."""
     cands = [TinyCandidate("tiny-a", 0), TinyCandidate("tiny-c", 2)]
     extract(cands, digits, ExtractOptions(use_cache=False, progress=True, chunk_size=60))
     err = capsys.readouterr().err
-    assert "hub (2 models)" in err and "tiny-a" in err and "tiny-c" in err
+    assert "hub (2 models)" in err and err.count("tiny-a: 120 rows") == 1 and err.count("tiny-c: 120 rows") == 1
+    assert "tiny-a:" not in err.replace("tiny-a: 120 rows", "")  # no bar of its own
     extract(cands, digits, ExtractOptions(use_cache=False, progress=False))
     assert capsys.readouterr().err == ""

@@ -31,6 +31,24 @@ EPS = 1e-5
 BACKENDS = ("auto", "numpy", "numba")
 
 
+
+def _step(active, gamma, m2a, res2a, t, n, tol, alpha, beta, t_used, m2, res2, iterations, converged):
+    """One fixed-point update of the active columns (in place); returns the columns still active."""
+    a_new = gamma / (m2a + EPS)
+    b_new = (n - gamma) / (res2a + EPS)
+    done = np.abs(a_new / b_new - t) / t <= tol
+    alpha[active], beta[active], t_used[active] = a_new, b_new, t
+    m2[active], res2[active] = m2a, res2a
+    iterations[active] += 1
+    converged[active[done]] = True
+    return active[~done]
+
+
+def _evidence(alpha, beta, logdet, res2, m2, n, dim):
+    """The per-sample log evidence of each column at its (alpha, beta)."""
+    return (dim / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta) - 0.5 * logdet
+            - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * np.log(2.0 * np.pi)) / n
+
 def resolve_backend(backend: str | None = None) -> str:
     """``backend`` argument, else ``HUBTUNE_BACKEND``, else "auto" (numba when importable)."""
     choice = (backend or os.environ.get("HUBTUNE_BACKEND") or "auto").lower()
@@ -84,17 +102,9 @@ def fixed_point_numpy(s, P, sy2, n, dim, dual, max_iter=11, tol=1e-3) -> dict:
         else:
             m2a = (Pa / denom).sum(axis=0)
             res2a = np.maximum(sy2[active] - (Pa * (sc + 2.0 * t) / denom).sum(axis=0), 0.0)
-        a_new = gamma / (m2a + EPS)
-        b_new = (n - gamma) / (res2a + EPS)
-        done = np.abs(a_new / b_new - t) / t <= tol
-        alpha[active], beta[active], t_used[active] = a_new, b_new, t
-        m2[active], res2[active] = m2a, res2a
-        iterations[active] += 1
-        converged[active[done]] = True
-        active = active[~done]
+        active = _step(active, gamma, m2a, res2a, t, n, tol, alpha, beta, t_used, m2, res2, iterations, converged)
     logdet = np.log(alpha[None, :] + beta[None, :] * sc).sum(axis=0) + (dim - k) * np.log(alpha)
-    evidence = (dim / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta) - 0.5 * logdet
-                - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * np.log(2.0 * np.pi)) / n
+    evidence = _evidence(alpha, beta, logdet, res2, m2, n, dim)
     return {"alpha": alpha, "beta": beta, "t": t_used, "m2": m2, "res2": res2,
             "evidence": evidence, "iterations": iterations, "converged": converged}
 
@@ -210,17 +220,9 @@ def fixed_point_tridiagonal(tri: Tridiagonal, c, sy2, n, dim, max_iter=11, tol=1
             m2a[j] = w @ w
             fit[j] = c[:, col] @ w + t[j] * m2a[j]
         res2a = np.maximum(sy2[active] - fit, 0.0)
-        a_new = gamma / (m2a + EPS)
-        b_new = (n - gamma) / (res2a + EPS)
-        done = np.abs(a_new / b_new - t) / t <= tol
-        alpha[active], beta[active], t_used[active] = a_new, b_new, t
-        m2[active], res2[active] = m2a, res2a
-        iterations[active] += 1
-        converged[active[done]] = True
-        active = active[~done]
+        active = _step(active, gamma, m2a, res2a, t, n, tol, alpha, beta, t_used, m2, res2, iterations, converged)
     st = np.maximum(sc, -0.5 * alpha / beta)
     logdet = np.log(alpha[None, :] + beta[None, :] * st).sum(axis=0) + (dim - k) * np.log(alpha)
-    evidence = (dim / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta) - 0.5 * logdet
-                - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * np.log(2.0 * np.pi)) / n
+    evidence = _evidence(alpha, beta, logdet, res2, m2, n, dim)
     return {"alpha": alpha, "beta": beta, "t": t_used, "m2": m2, "res2": res2, "w": w_used,
             "evidence": evidence, "iterations": iterations, "converged": converged}
