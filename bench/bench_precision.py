@@ -169,18 +169,7 @@ def model_report(cand, ds, args, random_init):
         full = r["diff"][str(n)]
         r["full"] = {m: {"abs": abs(full[m]), "rel": abs(full[m]) / abs(ref[str(n)][m])} for m in METRICS}
         P = args.probe
-        parts = probe_diffs(METRICS, (F[:P], L[:P]), (F32[:P], L32[:P]), labels[:P])  # the library's rule
-        r["probe"] = {}
-        for m in METRICS:
-            single = abs(parts[m]["all"])
-            halves = max(abs(d) for d in parts[m].values())
-            r["probe"][m] = {
-                "diffs": parts[m],
-                "single_diff": single, "single_brackets_full": PROBE_SAFETY * single >= abs(full[m]),
-                "diff": halves, "error": PROBE_SAFETY * halves,
-                "brackets_full": PROBE_SAFETY * halves >= abs(full[m]),
-                "full_over_diff": abs(full[m]) / halves if halves else float("inf"),
-            }
+        r["probe"] = probe_diffs(METRICS, (F[:P], L[:P]), (F32[:P], L32[:P]), labels[:P])  # signed, per part
     return out, feats
 
 
@@ -205,29 +194,74 @@ def dataset_report(name, specs, args, random_init):
         log(f"  {cand.spec} timing (best of {args.timing_rounds}): "
             + ", ".join(f"{v} {s:.1f}" for v, s in ips.items()))
         del cand
-    rep = {"dataset": name, "n": len(ds), "models": models}
-    if not random_init and len(models) > 1:
-        n = str(len(ds))
-        rep["rankings"] = {}
-        for m in METRICS:
-            order = {v: sorted(models, key=lambda s: -models[s]["variants"][v]["scores"][n][m]) for v in VARIANTS}
-            ref = {s: models[s]["variants"]["fp32"]["scores"][n][m] for s in models}
-            gaps = sorted(abs(ref[a] - ref[b]) for i, a in enumerate(models) for b in list(models)[i + 1:])
-            per = {"fp32_order": order["fp32"], "smallest_fp32_gap": gaps[0]}
+    return {"dataset": name, "n": len(ds), "models": models}
+
+
+def analyze(report, safety=PROBE_SAFETY):
+    """Everything derived from the raw figures (scores on every prefix, signed probe differences), so that
+    ``--reanalyze`` recomputes it with the library's current rule without a forward pass: per variant the
+    probe error and whether it brackets the full-data difference; per dataset the rankings, swapped pairs
+    and tie groups; the summary rows; the bracketing rate of the rule for several safety factors."""
+    report["probe_safety"] = safety
+    for d in report["datasets"]:
+        n = str(d["n"])
+        for r in d["models"].values():
             for v in VARIANTS[1:]:
-                scores = {s: models[s]["variants"][v]["scores"][n][m] for s in models}
-                errors = {s: models[s]["variants"][v]["probe"][m]["error"] for s in models}
-                groups = tie_groups(scores, errors)
-                # every pair the fp32 order puts the other way round must be tied
-                swapped = [(a, b) for i, a in enumerate(order[v]) for b in order[v][i + 1:]
-                           if order["fp32"].index(a) > order["fp32"].index(b)]
-                gid = {s: k for k, g in enumerate(groups) for s in g}
-                per[v] = {"order": order[v], "same_as_fp32": order[v] == order["fp32"], "swapped_pairs": swapped,
-                          "tie_groups": groups, "swaps_inside_tie_groups": all(gid[a] == gid[b] for a, b in swapped),
-                          "max_abs_diff": max(abs(scores[s] - models[s]["variants"]["fp32"]["scores"][n][m])
-                                              for s in models)}
-            rep["rankings"][m] = per
-    return rep
+                x = r["variants"][v]
+                full = x["diff"][n]
+                x["full"] = {m: {"abs": abs(full[m]),
+                                 "rel": abs(full[m]) / abs(r["variants"]["fp32"]["scores"][n][m])} for m in METRICS}
+                x["probe_error"] = {}
+                for m in METRICS:
+                    parts = x["probe"][m]
+                    diff, single = max(abs(v_) for v_ in parts.values()), abs(parts["all"])
+                    x["probe_error"][m] = {
+                        "diff": diff, "error": safety * diff, "brackets_full": safety * diff >= abs(full[m]),
+                        "single_diff": single, "single_brackets_full": safety * single >= abs(full[m]),
+                        "full_over_diff": abs(full[m]) / diff if diff else float("inf")}
+        if d["models"] and not any(r["random_init"] for r in d["models"].values()) and len(d["models"]) > 1:
+            d["rankings"] = {m: _ranking(d["models"], n, m) for m in METRICS}
+    report["summary"] = summarize(report)
+    cases = [(x, m, abs(x["diff"][str(d["n"])][m]), r["random_init"])
+             for d in report["datasets"] for r in d["models"].values() for v, x in r["variants"].items()
+             if v != "fp32" for m in METRICS]
+    pre = [c for c in cases if not c[3]]
+
+    def rate(sel, m, k, key):
+        sel = [(x, f) for x, m_, f, _ in sel if m_ == m]
+        return f"{sum(k * x['probe_error'][m][key] >= f for x, f in sel)}/{len(sel)}"
+
+    report["probe_rule"] = {
+        "rule": f"error = {safety} x max |score(policy) - score(fp32)| over the first {report['settings']['probe']} "
+                "rows and each half of them (hubtune.features.precision.probe_error)",
+        "brackets_full_difference": {m: {f"safety {k}": {"rule": rate(cases, m, k, "diff"),
+                                                         "pretrained_only": rate(pre, m, k, "diff"),
+                                                         "single_probe_difference": rate(cases, m, k, "single_diff")}
+                                         for k in (1, 2, 3, 4)} for m in METRICS},
+        "worst_full_over_diff": {m: max(x["probe_error"][m]["full_over_diff"] for x, m_, _, _ in cases if m_ == m)
+                                 for m in METRICS},
+    }
+    return report
+
+
+def _ranking(models, n, m):
+    order = {v: sorted(models, key=lambda s: -models[s]["variants"][v]["scores"][n][m]) for v in VARIANTS}
+    ref = {s: models[s]["variants"]["fp32"]["scores"][n][m] for s in models}
+    gaps = sorted(abs(ref[a] - ref[b]) for i, a in enumerate(models) for b in list(models)[i + 1:])
+    per = {"fp32_order": order["fp32"], "smallest_fp32_gap": gaps[0]}
+    for v in VARIANTS[1:]:
+        scores = {s: models[s]["variants"][v]["scores"][n][m] for s in models}
+        errors = {s: models[s]["variants"][v]["probe_error"][m]["error"] for s in models}
+        groups = tie_groups(scores, errors)
+        # the pairs this precision orders the other way round from fp32: each must fall inside a tie group
+        swapped = [(a, b) for i, a in enumerate(order[v]) for b in order[v][i + 1:]
+                   if order["fp32"].index(a) > order["fp32"].index(b)]
+        gid = {s: k for k, g in enumerate(groups) for s in g}
+        per[v] = {"order": order[v], "same_as_fp32": order[v] == order["fp32"], "swapped_pairs": swapped,
+                  "errors": errors, "tie_groups": groups,
+                  "swaps_inside_tie_groups": all(gid[a] == gid[b] for a, b in swapped),
+                  "max_abs_diff": max(abs(scores[s] - ref[s]) for s in models)}
+    return per
 
 
 def summarize(report):
@@ -240,11 +274,10 @@ def summarize(report):
                              "logme_abs_diff": x["full"]["logme"]["abs"], "logme_rel_diff": x["full"]["logme"]["rel"],
                              "leep_abs_diff": x["full"]["leep"]["abs"],
                              "feature_rel_error": x["feature_rel_error"],
-                             "probe_error_logme": x["probe"]["logme"]["error"],
-                             "probe_brackets_logme": x["probe"]["logme"]["brackets_full"],
-                             "single_probe_brackets_logme": x["probe"]["logme"]["single_brackets_full"],
-                             "probe_brackets_leep": x["probe"]["leep"]["brackets_full"],
-                             "single_probe_brackets_leep": x["probe"]["leep"]["single_brackets_full"],
+                             "probe_error_logme": x["probe_error"]["logme"]["error"],
+                             "probe_brackets_logme": x["probe_error"]["logme"]["brackets_full"],
+                             "probe_error_leep": x["probe_error"]["leep"]["error"],
+                             "probe_brackets_leep": x["probe_error"]["leep"]["brackets_full"],
                              "speed_vs_fp32": r["speed_ratio_vs_fp32"][v]})
     return rows
 
@@ -258,11 +291,14 @@ def plot(report, path):
     except ImportError:
         return None
     rows = [r for r in report["summary"] if not r["random_init"]]
-    labels = sorted({f"{r['dataset']}\n{r['model'].split(':')[-1]}" for r in rows})
+    def name(r):
+        return f"{r['dataset']}\n{r['model'].split(':')[-1].replace('efficientnet_', '')}"
+
+    labels = sorted({name(r) for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     w = 0.8 / (len(VARIANTS) - 1)
     for k, v in enumerate(VARIANTS[1:]):
-        vals = {f"{r['dataset']}\n{r['model'].split(':')[-1]}": r for r in rows if r["variant"] == v}
+        vals = {name(r): r for r in rows if r["variant"] == v}
         xs = np.arange(len(labels)) + (k - (len(VARIANTS) - 2) / 2) * w
         axes[0].bar(xs, [vals[lab]["logme_abs_diff"] for lab in labels], w, label=v)
         axes[1].bar(xs, [vals[lab]["speed_vs_fp32"] for lab in labels], w, label=v)
@@ -293,10 +329,30 @@ def main():
     ap.add_argument("--timing-images", type=int, default=64)
     ap.add_argument("--timing-rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reanalyze", metavar="JSON", help="recompute the derived figures of a stored report "
+                    "(the probe rule, tie groups, summary) with the current code, without a forward pass")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.json"))
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
+    if args.reanalyze:
+        with open(args.reanalyze) as f:
+            report = json.load(f)
+        for d in report["datasets"]:  # drop what analyze derives, so nothing stale survives
+            d.pop("rankings", None)
+            for r in d["models"].values():
+                for x in r["variants"].values():
+                    for k in ("full", "probe_error"):
+                        x.pop(k, None)
+                    for m, parts in x.get("probe", {}).items():  # the first format kept more than the diffs
+                        if "diffs" in parts:
+                            x["probe"][m] = parts["diffs"]
+        analyze(report)
+        report["reanalyzed"] = f"derived figures recomputed by: {' '.join(sys.argv)}"
+        report["plot"] = plot(report, Path(args.out).with_suffix(".png"))
+        write_json(args.out, report)
+        print(json.dumps(report["probe_rule"], indent=1))
+        return
     args.prefixes = [int(p) for p in args.prefixes.split(",") if p]
     flags = set()
     try:
@@ -319,23 +375,11 @@ def main():
         jobs += [(d, args.random_models.split(","), True) for d in args.random_datasets.split(",") if d]
     for name, specs, random_init in jobs:
         report["datasets"].append(dataset_report(name, specs, args, random_init))
-        report["summary"] = summarize(report)
-        write_json(args.out, report)
-    rows = report["summary"]
-    report["probe_rule"] = {
-        "rule": f"error = {PROBE_SAFETY} x max |score(policy) - score(fp32)| over the first {args.probe} rows "
-                "and each half of them",
-        "cases": len(rows),
-        "brackets_rate": {m: float(np.mean([r[f"probe_brackets_{m}"] for r in rows])) for m in METRICS},
-        "single_probe_brackets_rate": {m: float(np.mean([r[f"single_probe_brackets_{m}"] for r in rows]))
-                                       for m in METRICS},
-        "worst_full_over_diff": {m: max(d["models"][s]["variants"][v]["probe"][m]["full_over_diff"]
-                                        for d in report["datasets"] for s in d["models"] for v in VARIANTS[1:])
-                                 for m in METRICS},
-    }
+        write_json(args.out, analyze(report))
     report["partial"] = False
     report["seconds"] = time.perf_counter() - T0
     report["load_average_at_end"] = list(os.getloadavg())
+    analyze(report)
     report["plot"] = plot(report, Path(args.out).with_suffix(".png"))
     write_json(args.out, report)
     log(f"wrote {args.out}")

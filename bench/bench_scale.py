@@ -44,7 +44,7 @@ def make_hub(root: Path, count: int, px: int) -> list[str]:
     return specs
 
 
-def run_rank(specs: list[str], out: Path, cache: Path, samples: int) -> dict:
+def run_rank(specs: list[str], out: Path, cache: Path, samples: int, extra: tuple = ()) -> dict:
     """``hubtune rank`` in a fresh process; its own peak RSS comes back through a tiny wrapper."""
     hub_file = out.with_suffix(".txt")
     hub_file.write_text("\n".join(specs) + "\n")
@@ -53,7 +53,7 @@ def run_rank(specs: list[str], out: Path, cache: Path, samples: int) -> dict:
             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
             "sys.exit(rc)\n")
     cmd = [sys.executable, "-c", code, "rank", "--hub", str(hub_file), "--max-samples", str(samples),
-           "--cache-dir", str(cache), "--out", str(out), "--quiet"]
+           "--cache-dir", str(cache), "--out", str(out), "--quiet", *extra]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -62,7 +62,7 @@ def run_rank(specs: list[str], out: Path, cache: Path, samples: int) -> dict:
     rss = [int(line.split()[1]) for line in p.stderr.splitlines() if line.startswith("MAXRSS_KB")][0]
     ranking = json.loads((out / "ranking.json").read_text())
     cands = ranking["candidates"]
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss / 1024, 1), "ranked": len(cands),
+    return {"scores": {c["spec"]: c["scores"] for c in cands}, "wall_s": round(wall, 2), "peak_rss_mb": round(rss / 1024, 1), "ranked": len(cands),
             "skipped": len(ranking["skipped"]), "models_loaded": sum(bool(c.get("loaded")) for c in cands),
             "cache_hits": sum(bool(c["cache_hit"]) for c in cands),
             "largest_model_params": max(c["num_params"] for c in cands)}
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[5, 20, 60])
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--px", type=int, default=64)
+    ap.add_argument("--ray", type=int, default=0,
+                    help="also rank the first N models with --backend ray (a local 2-CPU instance) against a "
+                         "local run, both from a cold cache: equality and overhead")
     ap.add_argument("--work", help="folder for the hubs and caches (default: a temporary one, removed)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = ap.parse_args(argv)
@@ -90,6 +93,22 @@ def main(argv=None) -> int:
                    "second_over_first_time": round(second["wall_s"] / first["wall_s"], 4)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        ray = None
+        if args.ray:
+            specs = models[:args.ray]
+            local = run_rank(specs, work / "ray-local", work / "cache-ray-local", args.samples)
+            remote = run_rank(specs, work / "ray-ray", work / "cache-ray-ray", args.samples, ("--backend", "ray"))
+            diff = max(abs(remote["scores"][s]["logme"] - v["logme"]) / abs(v["logme"])
+                       for s, v in local["scores"].items())
+            ray = {"models": len(specs), "local_wall_s": local["wall_s"], "ray_wall_s": remote["wall_s"],
+                   "ray_over_local": round(remote["wall_s"] / local["wall_s"], 3),
+                   "max_rel_logme_difference": diff,
+                   "note": "each a fresh process with a cold cache; the Ray run includes starting a local "
+                           "instance (2 CPUs, one task per candidate, 1 CPU each)"}
+            print(json.dumps(ray), flush=True)
+        for r in rows:
+            for run in ("first", "second"):
+                r[run].pop("scores", None)
         rss = [r["first"]["peak_rss_mb"] for r in rows]
         result = {
             "what": "peak RSS and wall time of `hubtune rank` (fresh process each) on hubs of random-init timm "
@@ -98,6 +117,7 @@ def main(argv=None) -> int:
             "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
             "defaults": {"max_resident": 1},
             "runs": rows,
+            "ray": ray,
             "peak_rss_growth_first_to_last": round(rss[-1] / rss[0], 3),
             "targets": {"memory_flat_in_hub_size": rss[-1] <= 1.25 * rss[0],
                         "second_run_at_most_5pct": all(r["second_over_first_time"] <= 0.05 for r in rows),

@@ -115,6 +115,22 @@ def test_resolve_precision(monkeypatch):
         resolve_precision("bf16", "cpu")
 
 
+def test_no_tf32_is_scoped_to_cuda_calls():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with P._no_tf32("cpu"):
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with P._no_tf32("cuda"):  # only flips the flags: runs without a GPU
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError), P._no_tf32("cuda"):
+            raise RuntimeError("restored on error too")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 # --------------------------------------------------------------------------------------------- structure
 def _model(arch, **kw):
     torch.manual_seed(0)

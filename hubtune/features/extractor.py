@@ -384,9 +384,22 @@ def _run_wave(ctx: _Context, wave: list, store, entries: dict, done: dict, last:
             ctx.done(spec)
     finally:
         runners.clear()
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release_memory(ctx.device)
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give the freed models' memory back: collect, then ask glibc to return freed heap pages to the system
+    (without it the peak RSS of a long hub creeps up with fragmentation), and empty the CUDA cache."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _forward_chunk(ctx: _Context, spec, runner, entry, images, labels, start, done) -> None:
