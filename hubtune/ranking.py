@@ -606,7 +606,7 @@ def _tie_bands(entries, refs, ds, metrics, options, seed) -> str:
 
     from .features import extract
     from .features.extractor import resolve_device
-    from .features.precision import probe_diffs, resolve_precision, score_error, tie_labels
+    from .features.precision import band_from_diffs, probe_diffs, resolve_precision, tie_labels
 
     precision = resolve_precision(options.precision, resolve_device(options.device))
     if precision == "fp32":
@@ -623,8 +623,7 @@ def _tie_bands(entries, refs, ds, metrics, options, seed) -> str:
                         lambda s, f, l, y: parts.append((f, l)), on_error="raise")
                 got[p] = (np.concatenate([f for f, _ in parts]),
                           None if parts[0][1] is None else np.concatenate([l for _, l in parts]))
-            diffs = probe_diffs(metrics, got[precision], got["fp32"], probe.labels)
-            e.precision_error = {m: score_error(max(abs(v) for v in d.values())) for m, d in diffs.items()}
+            _, e.precision_error = band_from_diffs(probe_diffs(metrics, got[precision], got["fp32"], probe.labels))
         except HubtuneError as err:  # the probe could not be scored: the error is unknown, ties with all
             warnings.warn(f"{e.spec}: the precision probe failed ({err}); its tie band is unknown", stacklevel=3)
             e.precision_error = {m: float("inf") for m in metrics}

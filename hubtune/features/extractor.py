@@ -138,7 +138,6 @@ class _Runner:
         if self.compiled:
             target = _Compiled(candidate, torch.compile(candidate.forward))
         self.forward = make_forward(target, precision, device)
-        self.bf16 = precision != "fp32"
 
     def __call__(self, x: torch.Tensor):
         x = x.to(self.device, non_blocking=True)

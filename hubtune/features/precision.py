@@ -376,6 +376,13 @@ def score_error(diff: float, safety: float = PROBE_SAFETY) -> float:
     return float(safety) * abs(float(diff))
 
 
+def band_from_diffs(diffs: dict, safety: float = PROBE_SAFETY) -> tuple[dict, dict]:
+    """From :func:`probe_diffs`: per metric the largest |difference| over the probe and its halves, and the
+    tie-band half-width :func:`score_error` makes of it."""
+    diff = {m: max(abs(v) for v in d.values()) for m, d in diffs.items()}
+    return diff, {m: score_error(d, safety) for m, d in diff.items()}
+
+
 def probe_diffs(metrics, low, fp32, labels) -> dict[str, dict[str, float]]:
     """Signed score differences ``score(low) - score(fp32)`` per metric on all the probe rows (``"all"``)
     and on each half (``"first_half"``, ``"second_half"``); a half that cannot be scored (one class only)
@@ -428,11 +435,10 @@ def probe_error(candidate, images: torch.Tensor, labels, precision: str, metrics
     f32 = _run(make_forward(candidate, "fp32", device), images, batch_size, device)
     lo = low if low is not None else _run(make_forward(candidate, concrete, device), images, batch_size, device)
     diffs = probe_diffs(metrics, lo, f32, labels)
-    diff = {m: max(abs(v) for v in d.values()) for m, d in diffs.items()}
+    diff, error = band_from_diffs(diffs, safety)
     s32 = score_chunk(metrics, f32[0], f32[1], labels)
     slo = {m: s32[m] + diffs[m]["all"] for m in metrics}
-    return ProbeError(concrete, len(labels), diff, {m: score_error(d, safety) for m, d in diff.items()},
-                      slo, s32, diffs)
+    return ProbeError(concrete, len(labels), diff, error, slo, s32, diffs)
 
 
 # ------------------------------------------------------------------------------------------------- ties

@@ -32,6 +32,12 @@ BACKENDS = ("auto", "numpy", "numba")
 
 
 
+def _start(C: int):
+    """The state of C columns before the first update: alpha = beta = t = 1, nothing converged."""
+    return (np.ones(C), np.ones(C), np.ones(C), np.zeros(C), np.zeros(C), np.zeros(C, dtype=np.int64),
+            np.zeros(C, dtype=bool))
+
+
 def _step(active, gamma, m2a, res2a, t, n, tol, alpha, beta, t_used, m2, res2, iterations, converged):
     """One fixed-point update of the active columns (in place); returns the columns still active."""
     a_new = gamma / (m2a + EPS)
@@ -83,10 +89,7 @@ def fixed_point(s, P, sy2, n, dim, dual, max_iter=11, tol=1e-3, backend=None) ->
 
 def fixed_point_numpy(s, P, sy2, n, dim, dual, max_iter=11, tol=1e-3) -> dict:
     k, C = P.shape
-    alpha, beta, t_used = np.ones(C), np.ones(C), np.ones(C)
-    m2, res2 = np.zeros(C), np.zeros(C)
-    iterations = np.zeros(C, dtype=np.int64)
-    converged = np.zeros(C, dtype=bool)
+    alpha, beta, t_used, m2, res2, iterations, converged = _start(C)
     active = np.arange(C)
     sc = s[:, None]
     for _ in range(max_iter):
@@ -200,10 +203,7 @@ def fixed_point_tridiagonal(tri: Tridiagonal, c, sy2, n, dim, max_iter=11, tol=1
     c = np.asarray(c, dtype=np.float64)
     sy2 = np.asarray(sy2, dtype=np.float64)
     k, C = c.shape
-    alpha, beta, t_used = np.ones(C), np.ones(C), np.ones(C)
-    m2, res2 = np.zeros(C), np.zeros(C)
-    iterations = np.zeros(C, dtype=np.int64)
-    converged = np.zeros(C, dtype=bool)
+    alpha, beta, t_used, m2, res2, iterations, converged = _start(C)
     w_used = np.zeros((k, C))
     active = np.arange(C)
     sc = s[:, None]
