@@ -61,6 +61,10 @@ class SpecError(InputError):
     """A model spec does not follow the grammar (``resnet18``, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, ...)."""
 
 
+class HoldoutError(InputError):
+    """A class has too few images for the held-out split of ``rank --verify`` (hubtune.verify)."""
+
+
 class ModelNotFoundError(InputError):
     """The spec is well formed but names no known architecture, repository, folder or file."""
 

@@ -49,6 +49,25 @@ class CandidateResult:
     loaded: bool = False              # the model was constructed in this run (False: answered from the cache)
     precision_error: dict = field(default_factory=dict)  # metric -> half-width of the precision's tie band
     tie: str = ""                     # the ranks within the precision's error of this one ("2-4"), "" if none
+    raw_scores: dict = field(default_factory=dict)  # metric -> its per-model score, for metrics combined across
+                                                    # the candidates (etran, ncti, auto: ``scores`` holds the combination)
+    flags: list = field(default_factory=list)       # what makes a score not to be read as is (see FLAGS)
+    # rank(verify=K) (hubtune.verify.reorder): the estimators' position, and the brief fine-tune's result
+    prior_rank: int = 0
+    verified: bool = False
+    verify_accuracy: float | None = None  # held-out accuracy at the rung reached
+    verify_rung: int | None = None
+    verify_steps: int = 0
+    verify_dropped: str = ""
+
+
+#: the flags a candidate can carry, and what they mean (printed under the table)
+FLAGS = {
+    "logme-not-converged": "LogME's fixed point hit max_iter without converging for some target columns "
+                           "(marked * in the table); its evidence is approximate",
+    "head-uniform": "the source head's outputs are uniform (an untrained or zeroed head): LEEP, NCE and NLEEP's "
+                    "LEEP term read nothing from it (LEEP = -H(y) exactly)",
+}
 
 
 @dataclass
@@ -61,6 +80,7 @@ class Ranking:
     weights: dict[str, dict] = field(default_factory=dict, repr=False)  # spec -> LogME columns/weights
     dataset_info: dict | None = None  # spec, split, fingerprint, base_fingerprint, num_classes, max_samples, per_class
     precision: str | None = None      # the extraction precision (resolved: fp32, bf16, bf16-trunk, bf16-mid)
+    verification: dict | None = None  # rank(verify=K): the successive-halving fine-tunes (hubtune.verify)
 
     def top(self, k: int) -> list[str]:
         """The specs of the best ``k`` candidates, best first (``local-dir:``/``file:`` paths absolute, so they
@@ -83,21 +103,41 @@ class Ranking:
 
         def score(c, m):
             e = c.precision_error.get(m, 0.0) if m == self.metrics[0] and err else 0.0
-            return f"{c.scores.get(m, float('nan')):.5g}" + (f" ±{e:.2g}" if e else "")
+            star = "*" if m == "logme" and "logme-not-converged" in c.flags else ""
+            return f"{c.scores.get(m, float('nan')):.5g}{star}" + (f" ±{e:.2g}" if e else "")
 
-        header = ["rank"] + (["tie"] if ties else []) + ["model"] + self.metrics + ["dim", "n", "params", "img/s",
-                                                                                     "all img/s", "cache"]
+        flagged = any(c.flags for c in self.candidates)
+        verified = any(c.verified for c in self.candidates)
+        header = (["rank"] + (["tie"] if ties else []) + ["model"] + self.metrics + (["held-out acc"] if verified else [])
+                  + ["dim", "n", "params", "img/s", "all img/s", "cache"] + (["flags"] if flagged else []))
         rows = [[str(c.rank)] + ([c.tie or "-"] if ties else []) + [c.spec_given or c.spec]
                 + [score(c, m) for m in self.metrics]
+                + ([f"{c.verify_accuracy:.4f} (r{c.verify_rung})" if c.verified else "-"] if verified else [])
                 + [str(c.feature_dim), str(c.n), f"{c.num_params / 1e6:.1f}M", rate(c.images_per_second),
                    rate(c.overall_images_per_second),
-                   "hit" if c.cache_hit else (f"{c.cached}/{c.n}" if c.cached else "miss")] for c in self.candidates]
+                   "hit" if c.cache_hit else (f"{c.cached}/{c.n}" if c.cached else "miss")]
+                + ([",".join(c.flags) or "-"] if flagged else []) for c in self.candidates]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
                  for r in [header, ["-" * w for w in widths]] + rows]
         if err:
             lines.append(f"± the {self.metrics[0]} error of {self.precision} extraction (measured against fp32 on a "
                          "probe); 'tie': ranks within that error of each other, an order not to be read")
+        for f in sorted({f for c in self.candidates for f in c.flags}):
+            lines.append(f"{f}: {FLAGS.get(f, f)}")
+        combined = [m for m in self.metrics if _combines(m)]
+        if combined:
+            lines.append(f"{', '.join(combined)}: combined across these candidates (the per-model terms are in "
+                         "ranking.json, raw_scores)")
+        if verified:
+            v = self.verification or {}
+            cost, split = v.get("cost", {}), v.get("split", {})
+            lines.append(f"held-out acc: the top {v.get('settings', {}).get('k', '?')} fine-tuned "
+                         f"{v.get('total_steps', '?')} steps in all by successive halving (r: rung reached) on "
+                         f"{split.get('train', '?')} images, measured on {split.get('holdout', '?')} held out, "
+                         f"in {v.get('seconds', 0):.0f} s"
+                         + (f" (about {cost['seconds_ratio']:.1%} of fine-tuning them fully)"
+                            if cost.get("seconds_ratio") else ""))
         lines += [f"skipped {_why(spec, why)}" for spec, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -105,6 +145,8 @@ class Ranking:
         return {"hubtune": __version__, "dataset": self.dataset, "dataset_info": self.dataset_info,
                 "precision": self.precision,
                 "metrics": self.metrics, "budget": self.budget, "skipped": self.skipped,
+                "verification": self.verification, "flags": {f: FLAGS[f] for f in sorted(
+                    {f for c in self.candidates for f in c.flags}) if f in FLAGS},
                 "candidates": [asdict(c) for c in self.candidates]}
 
     def save(self, out: str | Path) -> Path:
@@ -118,12 +160,15 @@ class Ranking:
         write_json(out / "ranking.json", self.to_dict())
         buf = io.StringIO()
         w = csv.writer(buf)
+        verified = self.verification is not None
         w.writerow(["rank", "spec"] + self.metrics + ["feature_dim", "n", "num_params", "seconds",
-                                                      "images_per_second", "cache_hit"])
+                                                      "images_per_second", "cache_hit", "flags"]
+                   + (["prior_rank", "verify_accuracy", "verify_rung"] if verified else []))
         for c in self.candidates:
             w.writerow([c.rank, c.spec] + [c.scores.get(m) for m in self.metrics]
                        + [c.feature_dim, c.n, c.num_params, f"{c.seconds:.4f}", f"{c.images_per_second:.2f}",
-                          c.cache_hit])
+                          c.cache_hit, ";".join(c.flags)]
+                       + ([c.prior_rank, c.verify_accuracy, c.verify_rung] if verified else []))
         atomic_write_text(out / "ranking.csv", buf.getvalue())
         try:
             self.plot(out / "ranking.png")
@@ -191,7 +236,7 @@ class Ranking:
         info = d.get("dataset_info")
         return cls(dataset=dataset, metrics=metrics, candidates=cands, skipped=d.get("skipped", {}),
                    budget=d.get("budget"), weights=weights, dataset_info=info if isinstance(info, dict) else None,
-                   precision=d.get("precision"))
+                   precision=d.get("precision"), verification=d.get("verification"))
 
 
 def _why(spec: str, why: str) -> str:
@@ -204,10 +249,78 @@ def _safe(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- rank
-def new_accumulators(metrics, logme_mode: str = "fast") -> dict:
+def new_accumulators(metrics, logme_mode: str = "fast", head: bool = True) -> dict:
     """A fresh accumulator per metric; LogME in ``logme_mode`` ("fast": float32 Gram blocks, within 1e-6 of
-    "exact"; see :class:`~hubtune.scoring.logme.LogME`)."""
-    return {m: create_estimator(m, mode=logme_mode) if m == "logme" else create_estimator(m) for m in metrics}
+    "exact"; see :class:`~hubtune.scoring.logme.LogME`); plus, under :data:`HEAD`, the source-head check."""
+    accs = {m: HeadStats() if m == HEAD else create_estimator(m, mode=logme_mode) if m == "logme"
+            else create_estimator(m) for m in metrics}
+    if head:
+        accs.setdefault(HEAD, HeadStats())
+    return accs
+
+
+#: the key of the source-head check among a candidate's accumulators (not a metric: never a column)
+HEAD = "_head"
+
+
+@dataclass
+class HeadResult:
+    score: float      # the largest deviation of a source-class probability from 1/Z over the rows
+    uniform: bool     # below UNIFORM_TOL: the head's outputs are uniform
+    n: int
+
+
+#: a source head whose probabilities all lie within this of 1/Z is uniform (untrained or zeroed)
+UNIFORM_TOL = 1e-4
+
+
+class HeadStats:
+    """Streams the largest |p_z - 1/Z| of the source head's softmax over all rows (a max: exact under any chunking
+    and merge order). No logits (a headless model): nothing to check."""
+
+    def __init__(self):
+        self.n, self.dev = 0, 0.0
+
+    def update(self, logits, labels=None) -> "HeadStats":
+        p = softmax(np.asarray(logits, dtype=np.float64))
+        if len(p):
+            self.n += len(p)
+            self.dev = max(self.dev, float(np.abs(p - 1.0 / p.shape[1]).max()))
+        return self
+
+    def merge(self, other: "HeadStats") -> "HeadStats":
+        self.n, self.dev = self.n + other.n, max(self.dev, other.dev)
+        return self
+
+    def result(self) -> HeadResult:
+        return HeadResult(score=self.dev, uniform=self.n > 0 and self.dev < UNIFORM_TOL, n=self.n)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "dev": self.dev}
+
+    def load_state_dict(self, state: dict) -> "HeadStats":
+        self.n, self.dev = int(state["n"]), float(state["dev"])
+        return self
+
+
+def _combines(metric: str) -> bool:
+    """The estimator's score is defined across the candidates (``combine(results) -> {spec: score}``)."""
+    return metric != HEAD and callable(getattr(ESTIMATORS.get(metric), "combine", None))
+
+
+def apply_combined(entries, metrics) -> None:
+    """For the metrics scored across candidates (ETran's and NCTI's min-max sums, ``auto``'s rank aggregation):
+    ``scores[m]`` becomes the combination over ``entries``, the per-model score moves to ``raw_scores[m]``."""
+    for m in metrics:
+        if not _combines(m):
+            continue
+        have = [e for e in entries if m in e.__dict__.get("_results", {})]
+        if not have:
+            continue
+        combined = ESTIMATORS.get(m).combine({e.spec: e.__dict__["_results"][m] for e in have})
+        for e in have:
+            e.raw_scores[m] = e.scores[m]
+            e.scores[m] = float(combined[e.spec])
 
 
 def _score_candidates(candidates, dataset, metrics, options, rows=None, logme_mode="fast"):
@@ -243,6 +356,10 @@ def _score_candidates(candidates, dataset, metrics, options, rows=None, logme_mo
 def feed(spec, accs: dict, feats, logits, labels) -> None:
     """One chunk into a candidate's accumulators, each given what its estimator reads."""
     for m, acc in accs.items():
+        if m == HEAD:
+            if logits is not None:
+                acc.update(logits)
+            continue
         kind = ESTIMATORS.get(m).input_kind
         if kind == "features":
             acc.update(feats, labels)
@@ -259,7 +376,7 @@ def finish(spec, accs: dict | None, results: dict, failed: dict) -> None:
         failed[spec] = f"{spec}: no rows reached its scorers"
         return
     try:
-        res = {m: acc.result() for m, acc in accs.items()}
+        res = {m: acc.result() for m, acc in accs.items()}  # HEAD's score is finite too
     except InputError as e:  # e.g. NaN in a result, an estimator that cannot score these features
         failed[spec] = f"{spec}: {e}"
         return
@@ -438,7 +555,8 @@ def resolve_spec(spec: str) -> str:
 def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,
          per_class=None, seed=0, options=None, budget: int | None = None, top_k: int | None = None,
          out=None, trust_remote_code: bool = False, backend: str = "local",
-         ray_options: RayOptions | dict | None = None, logme_mode: str = "fast") -> Ranking:
+         ray_options: RayOptions | dict | None = None, logme_mode: str = "fast", verify: int | None = None,
+         verify_budget: int | None = None, verify_options: dict | None = None) -> Ranking:
     """Rank hub models on a dataset.
 
     models: specs (see ``hubtune.hub.ModelSpec``) or loaded ``Candidate`` objects. ``local-dir:`` and
@@ -454,6 +572,11 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         dropped early come from smaller samples; the ranking lists candidates by rounds survived, then
         by score.
 
+    verify: after scoring, fine-tune the top ``verify`` candidates briefly on a held-out stratified split of the
+        dataset by successive halving and put them first, ordered by held-out accuracy (the estimators' scores
+        stay beside it; :mod:`hubtune.verify`); ``verify_budget``: total optimizer steps (default: 2 epochs of
+        the training part per verified candidate); ``verify_options``: other :func:`hubtune.verify.verify`
+        arguments (lr, batch_size, eta, holdout, ...).
     logme_mode: "fast" (default: float32 Gram blocks accumulated in float64, a tridiagonal solver; the score
         is within 1e-6 relative of "exact", far below the gaps between candidates and the features' own
         precision) or "exact" (float64 throughout, equal to the reference to 1e-9).
@@ -471,6 +594,13 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
     from .features import ExtractOptions, FeatureCache
 
     check_rank_args(max_samples, per_class, budget, top_k)
+    if verify is not None:
+        check_count("verify", verify, flag="--verify", cure="pass how many of the top candidates to fine-tune")
+    if verify_budget is not None:
+        check_count("verify_budget", verify_budget, flag="--verify-budget", cure="pass the total optimizer steps")
+        if verify is None:
+            raise InputError(f"verify_budget={verify_budget} (--verify-budget) without verify (--verify K); "
+                             "pass how many candidates to verify")
     metrics = list(metrics)
     if not metrics:
         raise InputError("metrics is empty; pass at least one of " + ", ".join(ESTIMATORS.names()))
@@ -508,7 +638,7 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
             candidates.append(m)
             given[m.spec] = m.spec
             continue
-        from .hub import identify_candidate
+        from .hub import data_config_warning, identify_candidate
 
         try:  # the identity and transform, without loading the weights: a candidate loads at its turn
             cand = identify_candidate(resolve_spec(m), trust_remote_code=trust_remote_code)
@@ -523,6 +653,9 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
             continue
         if cand.spec in given:
             continue  # the same model named twice (e.g. by a relative and an absolute path)
+        note = data_config_warning(cand.spec, getattr(cand, "data_config_source", None))
+        if note:  # a file: checkpoint running on timm's default transform for its architecture
+            warnings.warn(note, stacklevel=2)
         candidates.append(cand)
         given[cand.spec] = m
     if not candidates:
@@ -571,9 +704,11 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
     if not entries:
         raise InputError("no candidate could be ranked: " + "; ".join(_why(k, v) for k, v in skipped.items()))
 
+    apply_combined(entries, metrics)
     weights = {}
     for e in entries:
         e.spec_given = given.get(e.spec, e.spec)
+        e.__dict__.pop("_results", None)
         res = e.__dict__.pop("_logme", None)
         if res is not None:
             weights[e.spec] = {"columns": res.columns, "weights": res.weights.astype(np.float32),
@@ -583,8 +718,19 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         e.rank = i
     by_spec = {c.spec: c for c in candidates}
     precision = _tie_bands(entries, [by_spec[e.spec] for e in entries], ds, metrics, options, seed)
+    verification = None
+    if verify:
+        from .verify import reorder, verify as run_verify
+
+        progress = options.progress if options.progress is not None else sys.stderr.isatty()
+        v = run_verify([by_spec[e.spec] for e in entries], ds, k=min(verify, len(entries)),
+                       budget_steps=verify_budget, seed=seed, device=options.device,
+                       progress=progress, **(verify_options or {}))
+        entries, verification = reorder(entries, v), v.to_dict()
+        for e in entries:  # the precision's tie bands were drawn on the estimators' order
+            e.tie = ""
     ranking = Ranking(dataset=ds.name, metrics=metrics, candidates=entries, skipped=skipped, budget=budget_info,
-                      weights=weights, dataset_info=dataset_info, precision=precision)
+                      weights=weights, dataset_info=dataset_info, precision=precision, verification=verification)
     if out is not None:
         ranking.save(out)
     return ranking
@@ -630,7 +776,9 @@ def _tie_bands(entries, refs, ds, metrics, options, seed) -> str:
     m0, start = metrics[0], 0
     for rounds in sorted({e.rounds for e in entries}, reverse=True):
         group = [e for e in entries if e.rounds == rounds]
-        labels = tie_labels({e.spec: e.scores[m0] for e in group}, {e.spec: e.precision_error[m0] for e in group})
+        # a combined metric's error is measured on its per-model term, so the band is drawn there
+        labels = tie_labels({e.spec: e.raw_scores.get(m0, e.scores[m0]) for e in group},
+                            {e.spec: e.precision_error[m0] for e in group})
         for e in group:
             lo, _, hi = labels[e.spec].partition("-")
             e.tie = f"{int(lo) + start}-{int(hi) + start}" if hi else ""
@@ -654,15 +802,21 @@ def stratified_order(labels, seed: int = 0) -> np.ndarray:
 def _record(cands, results, stats, rounds, into: dict) -> None:
     for c in cands:
         st = stats[c.spec]
-        r = CandidateResult(spec=c.spec, scores={m: float(res.score) for m, res in results[c.spec].items()},
+        res = results[c.spec]
+        r = CandidateResult(spec=c.spec, scores={m: float(v.score) for m, v in res.items() if m != HEAD},
                             feature_dim=st.feature_dim, num_source_classes=st.num_classes, n=st.n,
                             seconds=st.seconds, images_per_second=_finite(st.compute_throughput),
                             cache_hit=st.cache_hit, rounds=rounds[c.spec], computed=st.computed,
                             num_params=st.num_params, loaded=st.loaded,
                             cached=st.cached, cache_seconds=st.cache_seconds,
                             overall_images_per_second=_finite(st.throughput))
-        if "logme" in results[c.spec]:
-            r.__dict__["_logme"] = results[c.spec]["logme"]
+        if "logme" in res:
+            r.__dict__["_logme"] = res["logme"]
+            if not res["logme"].converged:
+                r.flags.append("logme-not-converged")
+        if HEAD in res and res[HEAD].uniform:
+            r.flags.append("head-uniform")
+        r.__dict__["_results"] = {m: v for m, v in res.items() if m != HEAD}
         into[c.spec] = r
 
 

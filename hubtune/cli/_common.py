@@ -5,11 +5,11 @@ PACKAGED_HUB = ("pkg:efficientnet_lite0", "pkg:efficientnet_lite1", "pkg:efficie
 
 
 def hub_specs(args) -> list[str]:
-    from ..hub import list_timm_models, read_hub_file
+    from ..hub import list_timm_models, read_hub_file, split_specs
 
     specs: list[str] = []
     for item in args.models or []:
-        specs += [s.strip() for s in item.split(",") if s.strip()]
+        specs += split_specs(item)  # a comma inside ?mean=0.5,0.5,0.5 stays with its spec
     if args.hub == "timm":
         specs += list_timm_models(filter=args.filter or "*", tag=args.tag, max_params=args.max_params)
     elif args.hub:

@@ -12,6 +12,11 @@ def _cmd_rank(args) -> int:
 
     # every count is checked before the hub is listed or any model loaded (0 never means "everything")
     check_rank_args(max_samples=args.max_samples, per_class=args.per_class, budget=args.budget, top_k=args.top_k)
+    if args.verify_budget is not None and args.verify is None:
+        from ..errors import InputError
+
+        raise InputError(f"--verify-budget {args.verify_budget} without --verify K; pass how many of the top "
+                         "candidates to fine-tune")
     options = ExtractOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
                              precision=args.precision, compile=False if args.no_compile else "auto",
                              cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -30,7 +35,7 @@ def _cmd_rank(args) -> int:
                    data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
                    options=options, budget=args.budget, top_k=args.top_k, out=args.out,
                    trust_remote_code=args.trust_remote_code, backend=args.backend, ray_options=ray_options,
-                   logme_mode="exact" if args.exact else "fast")
+                   logme_mode="exact" if args.exact else "fast", verify=args.verify, verify_budget=args.verify_budget)
     print(ranking.table())
     if args.top_k:
         top = ranking.candidates[:args.top_k]
@@ -60,6 +65,12 @@ def add_parser(sub, lazy: bool = False) -> None:
     rk.add_argument("--download", action="store_true", help="download the dataset when missing (needs network)")
     _add_hub_args(rk)
     rk.add_argument("--metric", action="append", choices=names, help="repeatable; the first orders the ranking")
+    rk.add_argument("--verify", type=int, metavar="K",
+                    help="after scoring, fine-tune the top K briefly on a held-out split of the dataset by "
+                         "successive halving, and put them first by held-out accuracy")
+    rk.add_argument("--verify-budget", type=int, metavar="STEPS",
+                    help="with --verify: total optimizer steps over all finalists and rungs (default: 2 epochs "
+                         "of the training part per finalist)")
     rk.add_argument("--top-k", type=int)
     rk.add_argument("--max-samples", type=int, help="stratified subsample of this many images")
     rk.add_argument("--per-class", type=int, help="at most this many images per class")

@@ -53,7 +53,9 @@ def _cmd_tune(args) -> int:
     if args.models:
         if args.model is not None:
             raise InputError("give --model or --models, not both")
-        args.model = cfg["model"] = [m.strip() for item in args.models for m in item.split(",") if m.strip()]
+        from ..hub.spec import split_specs
+
+        args.model = cfg["model"] = [m for item in args.models for m in split_specs(item)]
     if args.model is not None and args.ranking is None:  # a model chosen here replaces the file's choice
         cfg.pop("ranking", None)
     if args.ranking is not None and args.model is None:

@@ -106,6 +106,25 @@ def data_config_from_processor(pp: dict | None, cfg: dict) -> dict:
             "mean": mean, "std": std, "crop_pct": float(crop_pct), "crop_mode": "center"}
 
 
+def data_config_origin(pp: dict | None, cfg: dict) -> dict:
+    """Where each value of :func:`data_config_from_processor` comes from: ``"preprocessor_config.json"`` for
+    the values it reads from the processor file, ``"config.json"`` for a size from ``config.image_size``, and
+    ``"transformers default"`` for the rest (ImageNet mean / std, bicubic, no crop)."""
+    default = "transformers default"
+    sized = "config.json" if cfg.get("image_size") else default
+    if not pp:
+        out = {k: default for k in ("interpolation", "mean", "std", "crop_pct", "crop_mode")}
+        return {"input_size": sized, **out}
+    has = "preprocessor_config.json"
+    size_from = has if pp.get("size") is not None else sized
+    crop_from = has if any(pp.get(k) is not None for k in ("crop_size", "crop_pct", "do_center_crop")) else size_from
+    norm = has if (pp.get("image_mean") is not None or pp.get("do_normalize") is False) else default
+    norm_std = has if (pp.get("image_std") is not None or pp.get("do_normalize") is False) else default
+    return {"input_size": crop_from if pp.get("crop_size") is not None else size_from,
+            "interpolation": has if pp.get("resample") is not None else default,
+            "mean": norm, "std": norm_std, "crop_pct": crop_from, "crop_mode": default}
+
+
 def classifier_of(model: nn.Module) -> nn.Module | None:
     head = None
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError, SpecError
@@ -59,9 +60,12 @@ def list_timm_models(filter: str = "*", tag: str | None = None, max_params: int 
 def read_hub_file(path: str | Path) -> list[str]:
     """Specs from a hub file, canonicalised, duplicates dropped, order kept.
 
-    ``.txt``: one spec per line; ``#`` starts a comment. ``.yaml`` / ``.yml``: a list of specs, or a mapping
-    with a ``models:`` list. Relative paths in ``local-dir:`` and ``file:`` specs are taken relative to the
-    hub file's folder.
+    ``.txt``: one spec per line; ``#`` starts a comment; a data config is set with the spec's ``?key=value``
+    suffix. ``.yaml`` / ``.yml``: a list, or a mapping with a ``models:`` list, whose entries are spec strings
+    or mappings ``{spec: SPEC, input_size: 64, mean: [0.5, 0.5, 0.5], ...}`` (the data-config keys of
+    :mod:`hubtune.hub.spec`; a key both in the mapping and in the spec's suffix is an error). Relative paths in
+    ``local-dir:`` and ``file:`` specs are taken relative to the hub file's folder. Two entries that name the
+    same model with different data configs are two candidates.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,19 +87,38 @@ def read_hub_file(path: str | Path) -> list[str]:
             doc = doc["models"]
         if doc is None:
             doc = []
-        if not isinstance(doc, list) or not all(isinstance(e, str) for e in doc):
-            raise SpecError(f"hub file {path} must hold a list of spec strings (or models: [...])")
-        entries = [e.strip() for e in doc if e.strip()]
+        if not isinstance(doc, list) or not all(isinstance(e, (str, dict)) for e in doc):
+            raise SpecError(f"hub file {path} must hold a list of spec strings or {{spec: ..., input_size: ...}} "
+                            "mappings (or models: [...])")
+        entries = [e.strip() if isinstance(e, str) else e for e in doc if not isinstance(e, str) or e.strip()]
     else:
         raise InputError(f"hub file {path}: unsupported type {suffix!r}; use .txt, .yaml or .yml")
     out: list[str] = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         try:
-            spec = ModelSpec.parse(entry)
+            spec = _entry_spec(entry)
         except SpecError as e:
-            raise SpecError(f"hub file {path}: {e}") from None
+            where = f"entry {i + 1}" if isinstance(entry, dict) else ""
+            raise SpecError(f"hub file {path}: {where + ': ' if where else ''}{e}") from None
         if spec.kind in ("local-dir", "file") and not Path(spec.name).expanduser().is_absolute():
-            spec = ModelSpec(spec.kind, str(path.parent / spec.name), spec.arch, spec.revision)
+            spec = replace(spec, name=str(path.parent / spec.name))
         if str(spec) not in out:
             out.append(str(spec))
     return out
+
+
+def _entry_spec(entry: "str | dict") -> ModelSpec:
+    """A hub-file entry: a spec string, or a mapping with ``spec`` and data-config keys."""
+    if isinstance(entry, str):
+        return ModelSpec.parse(entry)
+    from .spec import DATA_KEYS
+
+    spec = entry.get("spec")
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"the mapping {entry!r} needs a 'spec' string, e.g. {{spec: 'file:w.pt::resnet18', "
+                        "input_size: 64}")
+    unknown = [k for k in entry if k != "spec" and k not in DATA_KEYS]
+    if unknown:
+        raise SpecError(f"the mapping for {spec!r} has unknown key {', '.join(repr(k) for k in unknown)}; the keys "
+                        f"are spec and the data-config keys {', '.join(DATA_KEYS)}")
+    return ModelSpec.parse(spec).with_data_config({k: v for k, v in entry.items() if k != "spec"})

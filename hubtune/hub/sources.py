@@ -3,8 +3,17 @@
 A source has ``load(spec, pretrained, trust_remote_code) -> Loaded``, ``info(spec) -> dict`` (which never
 downloads weights) and, optionally, ``identify(spec) -> dict | None``: the weights hash, data config and sizes
 ``load`` would report, read without loading the weights (None when that needs loading: weights not local, a
-transformers repo), so a cached candidate is answered without constructing it. Register a new kind with ``@register_source("kind")``; ``ModelSpec.parse`` knows the
-built-in kinds only, so a new kind is reached by constructing ``ModelSpec("kind", name)`` directly.
+transformers repo), so a cached candidate is answered without constructing it. Register a new kind with
+``@register_source("kind")``; ``ModelSpec.parse`` knows the built-in kinds only, so a new kind is reached by
+constructing ``ModelSpec("kind", name)`` directly.
+
+Sources report the model's own data config and where each of its values comes from
+(``data_config_source``: ``"config.json"``, ``"pretrained_cfg"`` (timm's registry entry for the tag),
+``"timm default for ARCH"`` (a bare weights file: the architecture's default tag), ``"timm default"`` (a key
+a config.json's pretrained_cfg lacks: timm fills it from its generic defaults, not the architecture's),
+``"package"``, ``"preprocessor_config.json"`` / ``"transformers default"``). The spec's ``?key=value``
+overrides are applied on top by :mod:`hubtune.hub.candidate`, never here (a source that reports no
+provenance leaves ``Loaded.data_config_source`` None).
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ class Loaded:
     data_config: dict
     weights_hash: str  # sha256 of the weights content
     location: str  # where the weights came from
+    data_config_source: dict | None = None  # data-config key -> where its value came from (None: not known)
 
 
 # ---------------------------------------------------------------- helpers
@@ -61,6 +71,25 @@ def data_config_of(module: torch.nn.Module) -> dict:
 
     cfg = resolve_data_config({}, model=module)
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in _DATA_KEYS if k in cfg}
+
+
+def timm_default_label(arch: str) -> str:
+    """The provenance label of a value taken from timm's default for an architecture (its default tag)."""
+    return f"timm default for {arch.partition('.')[0]}"
+
+
+def data_config_origin(data_config: dict, pcfg: dict, default: str) -> dict:
+    """Where each value of ``data_config`` came from, for a model built with ``pretrained_cfg=pcfg or None``:
+    every key is ``default`` when ``pcfg`` is empty (timm then uses the architecture's own pretrained_cfg);
+    otherwise ``"config.json"`` for a key ``pcfg`` sets and ``"timm default"`` for one it lacks (timm does not
+    merge a given pretrained_cfg with the architecture's: it fills the gaps from its generic defaults)."""
+    if not pcfg:
+        return {k: default for k in data_config}
+    return {k: "config.json" if pcfg.get(k) is not None else "timm default" for k in data_config}
+
+
+def _data_pcfg(pcfg: dict) -> dict:
+    return {k: v for k, v in pcfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
 
 
 #: bounds on what a config.json may ask for, checked before anything is allocated
@@ -214,34 +243,43 @@ def _check_data_keys(pcfg: dict, bad) -> None:
             raise bad(f"pretrained_cfg.{key}={pcfg[key]!r} must be a string")
 
 
-def _from_config(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path | None, where: str) -> Loaded:
-    pcfg = {k: v for k, v in pcfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
+def _from_config(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path | None, where: str,
+                 default: str) -> Loaded:
+    """``default``: the provenance of the data config when ``pcfg`` is empty (see :func:`data_config_origin`)."""
+    pcfg = _data_pcfg(pcfg)
     module = build(arch, spec, pretrained_cfg=pcfg or None, **kwargs)
+    dc = data_config_of(module)
+    origin = data_config_origin(dc, pcfg, default)
     if weights is None:
-        return Loaded(module.eval(), data_config_of(module), W.state_dict_sha256(module), "random init")
+        return Loaded(module.eval(), dc, W.state_dict_sha256(module), "random init", origin)
     load_strict(module, W.load_state_dict(weights, spec), spec, where)
-    return Loaded(module.eval(), data_config_of(module), W.file_sha256(weights), str(weights))
+    return Loaded(module.eval(), dc, W.file_sha256(weights), str(weights), origin)
 
 
-def _meta_info(spec: str, arch: str, kwargs: dict, pcfg: dict) -> dict:
-    pcfg = {k: v for k, v in pcfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
+def _meta_info(spec: str, arch: str, kwargs: dict, pcfg: dict, default: str) -> dict:
+    pcfg = _data_pcfg(pcfg)
     m = build(arch, spec, device="meta", pretrained_cfg=pcfg or None, **kwargs)
+    dc = data_config_of(m)
     return {
         "architecture": arch.partition(".")[0],
         "num_params": count_params(m),
         "num_classes": int(getattr(m, "num_classes", 0) or 0),
         "input_size": tuple(m.pretrained_cfg.get("input_size", ())) or None,
         "pretrained_tag": m.pretrained_cfg.get("tag") or None,
+        "data_config": dc,
+        "data_config_source": data_config_origin(dc, pcfg, default),
     }
 
 
-def _identity(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path) -> dict:
+def _identity(spec: str, arch: str, kwargs: dict, pcfg: dict, weights: Path, default: str) -> dict:
     """What ``load`` would report, read without loading the weights: the model is built on the meta device
     (no memory) for its data config and sizes, and the weights file is hashed (memoised, see
     ``_weights.file_sha256``)."""
-    pcfg = {k: v for k, v in pcfg.items() if k not in ("hf_hub_id", "url", "file", "source")}
+    pcfg = _data_pcfg(pcfg)
     m = build(arch, spec, device="meta", pretrained_cfg=pcfg or None, **kwargs)
-    return {"weights_hash": W.file_sha256(weights), "data_config": data_config_of(m),
+    dc = data_config_of(m)
+    return {"weights_hash": W.file_sha256(weights), "data_config": dc,
+            "data_config_source": data_config_origin(dc, pcfg, default),
             "num_params": count_params(m), "num_classes": int(getattr(m, "num_classes", 0) or 0)}
 
 
@@ -314,7 +352,7 @@ class TimmSource:
     @classmethod
     def load(cls, spec: ModelSpec, pretrained: bool, trust_remote_code: bool) -> Loaded:
         if not pretrained:
-            return _from_config(str(spec), spec.name, {}, {}, None, "")
+            return _from_config(str(spec), spec.name, {}, {}, None, "", "pretrained_cfg")
         path, _ = cls.locate(spec, download=True)
         W.check_weights_file(path, str(spec))
         try:
@@ -323,13 +361,14 @@ class TimmSource:
             raise SpecError(f"{spec}: timm could not load the weights {path} ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]}); the file is damaged or truncated: delete it from "
                             "the cache and fetch it again") from None
-        return Loaded(module.eval(), data_config_of(module), W.file_sha256(path), str(path))
+        dc = data_config_of(module)
+        return Loaded(module.eval(), dc, W.file_sha256(path), str(path), data_config_origin(dc, {}, "pretrained_cfg"))
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
         if "." in spec.name:
             cls.pretrained_cfg(spec)  # an unknown tag: ModelNotFoundError naming it and the known tags
-        out = _meta_info(str(spec), spec.name, {}, {})
+        out = _meta_info(str(spec), spec.name, {}, {}, "pretrained_cfg")
         try:
             path, where = cls.locate(spec, download=False)
         except (WeightsNotAvailableError, ModelNotFoundError):
@@ -340,7 +379,7 @@ class TimmSource:
     @classmethod
     def identify(cls, spec: ModelSpec) -> dict | None:
         path, _ = cls.locate(spec, download=False)
-        return None if path is None else _identity(str(spec), spec.name, {}, {}, path)
+        return None if path is None else _identity(str(spec), spec.name, {}, {}, path, "pretrained_cfg")
 
 
 # ---------------------------------------------------------------- hf-hub:ORG/NAME
@@ -375,7 +414,7 @@ class HfHubSource:
             return cls._load_transformers(spec, cfg, config, pretrained, trust_remote_code)
         arch, kwargs, pcfg = read_timm_config(config, s)
         weights = W.hf_file(s, spec.name, cls.WEIGHTS, spec.revision) if pretrained else None
-        return _from_config(s, arch, kwargs, pcfg, weights, f"{spec.name}")
+        return _from_config(s, arch, kwargs, pcfg, weights, f"{spec.name}", timm_default_label(arch))
 
     @classmethod
     def _load_transformers(cls, spec: ModelSpec, cfg: dict, config: Path, pretrained: bool,
@@ -413,12 +452,13 @@ class HfHubSource:
                 f"the cache {W.hf_cache_dir()} and fetch it again")
         pp = cls._read_config(processor, s) if processor else None
         data_config = TF.data_config_from_processor(pp, cfg)
+        origin = TF.data_config_origin(pp, cfg)
         model = TF.load_model(folder, s, pretrained, use_st, trust_remote_code)
         module = TF.TransformersClassifier(model, s).eval()
         if not pretrained:
-            return Loaded(module, data_config, W.state_dict_sha256(module), "random init")
+            return Loaded(module, data_config, W.state_dict_sha256(module), "random init", origin)
         where = str(weights[0]) if len(weights) == 1 else str(files[-len(weights) - 1])
-        return Loaded(module, data_config, TF.weights_hash(weights), where)
+        return Loaded(module, data_config, TF.weights_hash(weights), where, origin)
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
@@ -436,13 +476,15 @@ class HfHubSource:
             archs = cfg.get("architectures") or []
             processor = W.hf_cached_file(spec.name, ["preprocessor_config.json"], spec.revision)
             pp = cls._read_config(processor, s) if processor else None
+            dc = TF.data_config_from_processor(pp, cfg)
             out.update(architecture=archs[0] if archs else cfg.get("model_type"),
                        num_classes=TF.num_classes_of(cfg),
-                       input_size=TF.data_config_from_processor(pp, cfg)["input_size"],
+                       input_size=dc["input_size"], data_config=dc,
+                       data_config_source=TF.data_config_origin(pp, cfg),
                        num_params=None if cfg.get("auto_map") else TF.count_params_meta(config))
         elif config is not None:
             arch, kwargs, pcfg = read_timm_config(config, s)
-            out.update(_meta_info(s, arch, kwargs, pcfg))
+            out.update(_meta_info(s, arch, kwargs, pcfg, timm_default_label(arch)))
         out.update(weights_location=str(weights) if weights else
                    f"{spec.name} on the Hugging Face Hub (not in the cache {W.hf_cache_dir()})",
                    cached=weights is not None)
@@ -460,7 +502,7 @@ class HfHubSource:
         if weights is None or weights.parent != config.parent:
             return None
         arch, kwargs, pcfg = read_timm_config(config, s)
-        return _identity(s, arch, kwargs, pcfg, weights)
+        return _identity(s, arch, kwargs, pcfg, weights, timm_default_label(arch))
 
 
 # ---------------------------------------------------------------- local-dir:PATH
@@ -490,13 +532,14 @@ class LocalDirSource:
             raise WeightsNotAvailableError(
                 f"{spec}: {config.parent.resolve()} holds no {' or '.join(HfHubSource.WEIGHTS)}; save the weights "
                 "there (safetensors.torch.save_file(model.state_dict(), ...)) or load with pretrained=False")
-        return _from_config(str(spec), arch, kwargs, pcfg, weights if pretrained else None, str(weights))
+        return _from_config(str(spec), arch, kwargs, pcfg, weights if pretrained else None, str(weights),
+                            timm_default_label(arch))
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
         config, weights = cls._files(spec)
         arch, kwargs, pcfg = read_timm_config(config, str(spec))
-        out = _meta_info(str(spec), arch, kwargs, pcfg)
+        out = _meta_info(str(spec), arch, kwargs, pcfg, timm_default_label(arch))
         out.update(weights_location=str(weights.resolve()) if weights else str(config.parent.resolve()),
                    cached=weights is not None)
         return out
@@ -507,7 +550,7 @@ class LocalDirSource:
         if weights is None:
             return None
         arch, kwargs, pcfg = read_timm_config(config, str(spec))
-        return _identity(str(spec), arch, kwargs, pcfg, weights)
+        return _identity(str(spec), arch, kwargs, pcfg, weights, timm_default_label(arch))
 
 
 # ---------------------------------------------------------------- file:PATH::ARCH
@@ -520,12 +563,14 @@ class FileSource:
     def load(cls, spec: ModelSpec, pretrained: bool, trust_remote_code: bool) -> Loaded:
         s, path = str(spec), Path(spec.name).expanduser()
         check_arch(spec.arch, s)
+        default = timm_default_label(spec.arch)
         if not pretrained:
-            return _from_config(s, spec.arch, {}, {}, None, "")
+            return _from_config(s, spec.arch, {}, {}, None, "", default)
         sd = W.load_state_dict(path, s)
         module = build(spec.arch, s, num_classes=infer_num_classes(spec.arch, sd, s))
         load_strict(module, sd, s, str(path))
-        return Loaded(module.eval(), data_config_of(module), W.file_sha256(path), str(path.resolve()))
+        dc = data_config_of(module)
+        return Loaded(module.eval(), dc, W.file_sha256(path), str(path.resolve()), data_config_origin(dc, {}, default))
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
@@ -541,7 +586,7 @@ class FileSource:
                         break
                 else:
                     kwargs["num_classes"] = 0
-        out = _meta_info(s, spec.arch, kwargs, {})
+        out = _meta_info(s, spec.arch, kwargs, {}, timm_default_label(spec.arch))
         out.update(weights_location=str(path.resolve()), cached=path.is_file())
         return out
 
@@ -551,7 +596,7 @@ class FileSource:
         if not path.is_file():
             return None  # loading reports it
         check_arch(spec.arch, str(spec))
-        out = _identity(str(spec), spec.arch, {}, {}, path)
+        out = _identity(str(spec), spec.arch, {}, {}, path, timm_default_label(spec.arch))
         out["num_classes"] = cls.info(spec)["num_classes"] if path.suffix == ".safetensors" else None
         return out
 
@@ -566,16 +611,20 @@ class PackagedSource:
     def load(cls, spec: ModelSpec, pretrained: bool, trust_remote_code: bool) -> Loaded:
         s = str(spec)
         module = build(packaged_arch(spec.name), s)
+        dc = packaged_data_config(spec.name)
+        origin = {k: "package" for k in dc}
         if not pretrained:
-            return Loaded(module.eval(), packaged_data_config(spec.name), W.state_dict_sha256(module), "random init")
+            return Loaded(module.eval(), dc, W.state_dict_sha256(module), "random init", origin)
         path = packaged_weights_path(spec.name, s)
         load_strict(module, remap_lite_state_dict(W.load_state_dict(path, s), module), s, str(path))
-        return Loaded(module.eval(), packaged_data_config(spec.name), W.file_sha256(path), str(path))
+        return Loaded(module.eval(), dc, W.file_sha256(path), str(path), origin)
 
     @classmethod
     def info(cls, spec: ModelSpec) -> dict:
-        out = _meta_info(str(spec), packaged_arch(spec.name), {}, {})
-        out.update(input_size=packaged_data_config(spec.name)["input_size"], pretrained_tag="in1k")
+        out = _meta_info(str(spec), packaged_arch(spec.name), {}, {}, "package")
+        dc = packaged_data_config(spec.name)
+        out.update(input_size=dc["input_size"], pretrained_tag="in1k", data_config=dc,
+                   data_config_source={k: "package" for k in dc})
         try:
             out.update(weights_location=str(packaged_weights_path(spec.name, str(spec))), cached=True)
         except WeightsNotAvailableError:
@@ -585,6 +634,7 @@ class PackagedSource:
     @classmethod
     def identify(cls, spec: ModelSpec) -> dict | None:
         path = packaged_weights_path(spec.name, str(spec))
-        out = _identity(str(spec), packaged_arch(spec.name), {}, {}, path)
+        out = _identity(str(spec), packaged_arch(spec.name), {}, {}, path, "package")
         out["data_config"] = packaged_data_config(spec.name)
+        out["data_config_source"] = {k: "package" for k in out["data_config"]}
         return out

@@ -15,6 +15,7 @@ from .logme import LogME, LogMEResult, logme
 from .nce import NCE, NCEResult, nce
 from .etran import ETran, ETranResult, etran
 from .gbc import GBC, GBCResult, gbc
+from .ncti import NCTI, NCTIResult, ncti
 from .nleep import NLEEP, NLEEPResult, nleep
 from .parc import PARC, PARCResult, parc
 from .sfda import SFDA, SFDAResult, sfda
@@ -26,5 +27,9 @@ __all__ = [
     "HScore", "ShrunkHScore", "HScoreResult", "hscore",
     "TransRate", "TransRateProj", "TransRateResult", "transrate", "ETran", "ETranResult", "etran",
     "NLEEP", "NLEEPResult", "nleep", "SFDA", "SFDAResult", "sfda", "PARC", "PARCResult", "parc",
-    "GBC", "GBCResult", "gbc",
+    "GBC", "GBCResult", "gbc", "NCTI", "NCTIResult", "ncti",
 ]
+
+from .auto import Auto, AutoResult, aggregate_ranks  # noqa: E402  (after its components are registered)
+
+__all__ += ["Auto", "AutoResult", "aggregate_ranks"]

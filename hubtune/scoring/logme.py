@@ -11,6 +11,12 @@ Differences from the published code: log|A| keeps the (D − k)/2·log α term f
 never occur are not counted (labels may have gaps). Like the published code, LogME does **not** centre
 the features; centre them yourself if your features carry a large common offset.
 
+LogME is **not scale-invariant** as computed. Its maximum evidence is, in exact arithmetic (F → sF is
+absorbed by α → α·s²), but the fixed point stops after ``max_iter`` = 11 steps from α = β = 1 and keeps the
+published code's absolute 1e-5 guards, so large features are scored lower: −0.499 at ×1, −0.504 at ×100,
+−0.575 at ×1e3 on one example (tests/test_new_estimators.py). Compare candidates whose features have
+similar scales, or watch the ``logme-not-converged`` flag of ``hubtune rank``.
+
 ``mode="exact"`` (the default) keeps FᵀF in float64 exactly (float32 products widened, ``dsyrk``) and
 eigen-decomposes it in float64: the score matches a float64 brute-force computation to ~1e-12.
 

@@ -18,12 +18,15 @@ from ..errors import ConfigError
 __all__ = ["save_timm_folder"]
 
 
-def save_timm_folder(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
+def save_timm_folder(model: torch.nn.Module, out_dir: str | os.PathLike, data_config: dict | None = None) -> None:
     """Write ``model.safetensors`` and a timm ``config.json`` (architecture, num_classes, num_features,
-    pretrained_cfg) so that ``load_candidate("local-dir:OUT")`` loads the model back. Both atomic."""
+    pretrained_cfg) so that ``load_candidate("local-dir:OUT")`` loads the model back. Both atomic.
+    ``data_config`` (the one the model was tuned with, e.g. a spec's ``?input_size=64`` override) is written
+    into the ``pretrained_cfg``, so the folder is evaluated as it was trained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pcfg = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {})
+    pcfg.update(data_config or {})
     arch = pcfg.get("architecture")
     if not arch:
         raise ConfigError(f"the tuned model ({type(model).__name__}) has no pretrained_cfg['architecture']; "

@@ -65,7 +65,8 @@ class TrainConfig:
     and optimizer once, after the optimizer is built (``pip install 'hubtune[ipex]'``, a release matching
     torch's major.minor; see :mod:`hubtune_ext.ipex`). ``overwrite=True`` lets a run replace the run files of
     a folder that holds one (without it, and without ``resume``, such a folder is refused). ``verbose=True``
-    prints one line per epoch to stdout (loss terms, evaluation, images/s), besides ``metrics.jsonl``.
+    prints one line per epoch to stdout (loss terms, evaluation, images/s), besides ``metrics.jsonl``;
+    ``progress`` shows a bar over each epoch's steps (None: when stderr is a terminal).
     """
 
     epochs: int = 10
@@ -89,6 +90,7 @@ class TrainConfig:
     backend: str = "torch"
     overwrite: bool = False
     verbose: bool = False
+    progress: bool | None = None      # the per-epoch bar: None = when stderr is a terminal
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -391,7 +393,7 @@ class Engine:
             start_epoch, history = self._restore(ckpt_path, method, opt, sched, loader_gen, frozen, frozen_ids)
         method.on_train_start(total_iters)
 
-        show_bar = is_main and sys.stderr.isatty()
+        show_bar = is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
         steps_done = 0
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)

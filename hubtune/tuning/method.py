@@ -404,7 +404,7 @@ class Method(torch.nn.Module):
         one timm model (a pathway over several models, say) overrides this."""
         from ._save import save_timm_folder
 
-        save_timm_folder(self.model_to_save(), out_dir)
+        save_timm_folder(self.model_to_save(), out_dir, data_config=self.data_config)
 
     def on_train_start(self, total_steps: int) -> None:
         """Called by the engine once before the first step (after a resumed checkpoint is restored) with the
