@@ -65,8 +65,10 @@ class CandidateResult:
 FLAGS = {
     "logme-not-converged": "LogME's fixed point hit max_iter without converging for some target columns "
                            "(marked * in the table); its evidence is approximate",
-    "head-uniform": "the source head's outputs are uniform (an untrained or zeroed head): LEEP, NCE and NLEEP's "
-                    "LEEP term read nothing from it (LEEP = -H(y) exactly)",
+    "head-uniform": "the source head gives every class probability 1/Z for every image (an untrained or zeroed "
+                    "head): LEEP and NCE read nothing from it (LEEP = -H(y) exactly)",
+    "head-constant": "the source head gives the same probabilities for every image (its features do not vary, or "
+                     "it ignores them): LEEP and NCE read nothing from it (LEEP = -H(y) exactly)",
 }
 
 
@@ -265,41 +267,55 @@ HEAD = "_head"
 
 @dataclass
 class HeadResult:
-    score: float      # the largest deviation of a source-class probability from 1/Z over the rows
-    uniform: bool     # below UNIFORM_TOL: the head's outputs are uniform
+    score: float      # the largest range (max - min over the rows) of a source-class probability (0: constant)
+    constant: bool    # below CONSTANT_TOL: the head gives the same probabilities for every image
+    uniform: bool     # ... and they are 1/Z (an untrained or zeroed head)
     n: int
 
 
-#: a source head whose probabilities all lie within this of 1/Z is uniform (untrained or zeroed)
-UNIFORM_TOL = 1e-4
+#: a source head whose probabilities vary by less than this over the rows is constant
+CONSTANT_TOL = 1e-4
 
 
 class HeadStats:
-    """Streams the largest |p_z - 1/Z| of the source head's softmax over all rows (a max: exact under any chunking
-    and merge order). No logits (a headless model): nothing to check."""
+    """Streams, per source class, the smallest and largest probability of the head's softmax over the rows
+    (2·Z numbers; elementwise min/max: exact under any chunking and merge order). No logits (a headless
+    model): nothing to check."""
 
     def __init__(self):
-        self.n, self.dev = 0, 0.0
+        self.n, self.lo, self.hi = 0, None, None
 
     def update(self, logits, labels=None) -> "HeadStats":
         p = softmax(np.asarray(logits, dtype=np.float64))
         if len(p):
+            lo, hi = p.min(axis=0), p.max(axis=0)
+            self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+            self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
             self.n += len(p)
-            self.dev = max(self.dev, float(np.abs(p - 1.0 / p.shape[1]).max()))
         return self
 
     def merge(self, other: "HeadStats") -> "HeadStats":
-        self.n, self.dev = self.n + other.n, max(self.dev, other.dev)
+        if other.n:
+            self.lo = other.lo if self.lo is None else np.minimum(self.lo, other.lo)
+            self.hi = other.hi if self.hi is None else np.maximum(self.hi, other.hi)
+            self.n += other.n
         return self
 
     def result(self) -> HeadResult:
-        return HeadResult(score=self.dev, uniform=self.n > 0 and self.dev < UNIFORM_TOL, n=self.n)
+        if not self.n:
+            return HeadResult(score=0.0, constant=False, uniform=False, n=0)
+        spread = float((self.hi - self.lo).max())
+        constant = spread < CONSTANT_TOL
+        uniform = constant and float(np.abs(self.hi - 1.0 / len(self.hi)).max()) < CONSTANT_TOL
+        return HeadResult(score=spread, constant=constant, uniform=uniform, n=self.n)
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "dev": self.dev}
+        return {"n": self.n, "lo": None if self.lo is None else self.lo.tolist(),
+                "hi": None if self.hi is None else self.hi.tolist()}
 
     def load_state_dict(self, state: dict) -> "HeadStats":
-        self.n, self.dev = int(state["n"]), float(state["dev"])
+        self.n = int(state["n"])
+        self.lo, self.hi = (None if state[k] is None else np.asarray(state[k], dtype=np.float64) for k in ("lo", "hi"))
         return self
 
 
@@ -814,8 +830,8 @@ def _record(cands, results, stats, rounds, into: dict) -> None:
             r.__dict__["_logme"] = res["logme"]
             if not res["logme"].converged:
                 r.flags.append("logme-not-converged")
-        if HEAD in res and res[HEAD].uniform:
-            r.flags.append("head-uniform")
+        if HEAD in res and res[HEAD].constant:
+            r.flags.append("head-uniform" if res[HEAD].uniform else "head-constant")
         r.__dict__["_results"] = {m: v for m, v in res.items() if m != HEAD}
         into[c.spec] = r
 

@@ -7,7 +7,7 @@ import torch
 
 from hubtune.errors import InputError
 from hubtune.features import ExtractOptions
-from hubtune.ranking import UNIFORM_TOL, HeadStats, Ranking, rank
+from hubtune.ranking import CONSTANT_TOL, HeadStats, Ranking, rank
 from hubtune.scoring import ETran, aggregate_ranks, create_estimator, etran, leep
 
 from test_rank import TinyCandidate, plain_features
@@ -107,13 +107,22 @@ def test_head_stats_merge_and_threshold():
     z = np.zeros((5, 4))
     assert HeadStats().update(z).result().uniform
     near = z.copy()
-    near[3, 0] = 4 * UNIFORM_TOL * 0.9   # p_0 moves by about (1 - 1/4)/4 * logit = 0.19 * 3.6e-4 < 1e-4
+    near[3, 0] = 4 * CONSTANT_TOL * 0.9   # p_0 moves by about (1 - 1/4)/4 * logit = 0.19 * 3.6e-4 < 1e-4
     a, b = HeadStats().update(z), HeadStats().update(near)
     assert a.merge(b).result().uniform
     far = z.copy()
     far[0, 0] = 0.01
-    assert not HeadStats().update(z).merge(HeadStats().update(far)).result().uniform
-    assert not HeadStats().result().uniform   # no logits: nothing to flag
+    assert not HeadStats().update(z).merge(HeadStats().update(far)).result().constant
+    shifted = np.tile([3.0, 0.0, 0.0, 1.0], (5, 1))   # the same non-uniform output for every image
+    res = HeadStats().update(shifted[:2]).merge(HeadStats().update(shifted[2:])).result()
+    assert res.constant and not res.uniform
+    # two shards each constant but different from each other: not constant (the merge compares first rows)
+    other = HeadStats().update(np.tile([0.0, 3.0, 0.0, 1.0], (3, 1)))
+    assert not HeadStats().update(shifted).merge(other).result().constant
+    state = HeadStats().update(shifted).state_dict()
+    assert HeadStats().load_state_dict(state).merge(HeadStats().update(far)).result().score == pytest.approx(
+        HeadStats().update(np.vstack([shifted, far])).result().score)
+    assert not HeadStats().result().constant   # no logits: nothing to flag
 
 
 @pytest.mark.parametrize("max_iter,flagged", [(1, True), (100, False)])

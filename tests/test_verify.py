@@ -262,3 +262,70 @@ def test_reorder_by_hand():
     assert [e.verify_rung for e in out] == [1, 1, 0, 0, None, None]
     assert [e.verify_steps for e in out] == [24, 24, 8, 8, 0, 0]
     assert [e.spec for e in entries] == list("ABCDEF")          # the input list itself is not reordered
+
+
+# ---------------------------------------------------------------------------------------------- rank --verify
+class PrefersDead:
+    """A test estimator with a wrong prior: the smaller the features, the better (dead models first)."""
+
+    input_kind, tasks, name = "features", ("classification",), "test-prefers-dead"
+
+    def __init__(self):
+        self.n, self.total = 0, 0.0
+
+    def update(self, x, labels):
+        self.n, self.total = self.n + len(x), self.total + float(np.abs(np.asarray(x, dtype=np.float64)).sum())
+        return self
+
+    def result(self):
+        from hubtune.scoring import ScoreResult
+
+        return ScoreResult(score=-self.total / self.n, n=self.n)
+
+
+def test_rank_verify_puts_the_finalists_first_and_saves_the_verification(models, tmp_path, monkeypatch):
+    """End to end through hubtune.rank: an estimator that prefers the dead models puts them first; verification
+    moves the model that learns to the top, the dead ones keep their prior order behind it."""
+    import json
+
+    from hubtune.features import ExtractOptions
+    from hubtune.ranking import Ranking, rank
+    from hubtune.scoring import ESTIMATORS
+
+    monkeypatch.setitem(ESTIMATORS._entries, PrefersDead.name, PrefersDead)
+    ds = toy()
+    specs = [models["good"], models["dead"], models["dead2"]]
+    opts = ExtractOptions(precision="fp32", cache_dir=str(tmp_path / "cache"), progress=False)
+    plain = rank(specs, ds, metrics=[PrefersDead.name], options=opts)
+    assert plain.candidates[-1].spec == models["good"]                 # the prior is wrong
+    assert all(c.flags == ["head-constant"] for c in plain.candidates[:2])  # dead features: a constant head
+    r = rank(specs, ds, metrics=[PrefersDead.name], options=opts, verify=3, verify_budget=56,
+             verify_options={"batch_size": BATCH, "lr": 0.01}, out=tmp_path / "out")
+    assert [c.spec for c in r.candidates] == [models["good"]] + [c.spec for c in plain.candidates[:2]]
+    assert [c.prior_rank for c in r.candidates] == [3, 1, 2] and [c.rank for c in r.candidates] == [1, 2, 3]
+    assert r.verification["total_steps"] == 56 and r.verification["settings"]["k"] == 3
+    assert r.candidates[0].verify_accuracy > 0.9 > r.candidates[1].verify_accuracy
+    assert "held-out acc" in r.table()
+    saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert saved["verification"]["total_steps"] == 56
+    back = Ranking.load(tmp_path / "out")
+    assert back.candidates[0].verify_rung == r.candidates[0].verify_rung and back.verification["order"][0] == \
+        models["good"]
+    assert "verify_accuracy" in (tmp_path / "out" / "ranking.csv").read_text().splitlines()[0]
+
+
+def test_rank_verify_arguments_are_checked_before_any_work(models, tmp_path):
+    from hubtune.ranking import rank
+
+    with pytest.raises(InputError, match="--verify"):
+        rank([models["good"]], toy(), verify=0)
+    with pytest.raises(InputError, match="without verify"):
+        rank([models["good"]], toy(), verify_budget=10)
+
+
+def test_cli_verify_budget_without_verify_exits_2(capsys):
+    from hubtune.cli import main
+
+    assert main(["rank", "--verify-budget", "10", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--verify-budget 10 without --verify" in err and "Traceback" not in err
