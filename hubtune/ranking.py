@@ -568,7 +568,12 @@ def resolve_spec(spec: str) -> str:
         return spec
 
 
-def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_dir=None, download=False, max_samples=None,
+#: what rank() scores when the caller names no metric: ``auto`` orders (see :mod:`hubtune.scoring.auto`),
+#: LogME is kept beside it (its posterior weights are what B-Tuning reads from a ranking)
+DEFAULT_METRICS = ("auto", "logme")
+
+
+def rank(models, dataset="digits", metrics=None, *, split="train", data_dir=None, download=False, max_samples=None,
          per_class=None, seed=0, options=None, budget: int | None = None, top_k: int | None = None,
          out=None, trust_remote_code: bool = False, backend: str = "local",
          ray_options: RayOptions | dict | None = None, logme_mode: str = "fast", verify: int | None = None,
@@ -578,7 +583,8 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
     models: specs (see ``hubtune.hub.ModelSpec``) or loaded ``Candidate`` objects. ``local-dir:`` and
         ``file:`` paths are resolved to absolute paths: the ranking stores both (``spec``, ``spec_given``).
     dataset: a registered name, ``imagefolder:PATH``, an ``ImageDataset`` or a torch Dataset.
-    metrics: estimator names; the first orders the ranking.
+    metrics: estimator names; the first orders the ranking. Default :data:`DEFAULT_METRICS`: ``auto`` (the
+        estimators chosen on hubtune's zoos with measured fine-tune accuracy) and LogME beside it.
     max_samples, per_class, budget, top_k: None or an integer >= 1, checked before any work (0 is refused).
     trust_remote_code: let Hugging Face repos that ship their own model code run it (off by default).
     budget: successive halving: score every candidate on a stratified sample of ``budget`` images, keep
@@ -617,7 +623,7 @@ def rank(models, dataset="digits", metrics=("logme",), *, split="train", data_di
         if verify is None:
             raise InputError(f"verify_budget={verify_budget} (--verify-budget) without verify (--verify K); "
                              "pass how many candidates to verify")
-    metrics = list(metrics)
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
     if not metrics:
         raise InputError("metrics is empty; pass at least one of " + ", ".join(ESTIMATORS.names()))
     for m in metrics:

@@ -332,7 +332,7 @@ def test_tie_band_is_the_measured_precision_error(tmp_path, hub, digits, one_thr
     from hubtune.ranking import PROBE_ROWS, stratified_order
     from hubtune.scoring import logme
 
-    r = rank(hub, digits, options=opts(tmp_path, precision="bf16"), out=tmp_path / "out")
+    r = rank(hub, digits, metrics=["logme"], options=opts(tmp_path, precision="bf16"), out=tmp_path / "out")
     assert r.precision == "bf16"
     idx = stratified_order(digits.labels, 0)[:PROBE_ROWS]
     y = digits.labels[idx]
@@ -353,6 +353,6 @@ def test_tie_band_is_the_measured_precision_error(tmp_path, hub, digits, one_thr
         assert (a.tie != "" and a.tie == b.tie) == touch
     saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
     assert saved["precision"] == "bf16" and all("precision_error" in c and "tie" in c for c in saved["candidates"])
-    exact = rank(hub, digits, options=opts(tmp_path, precision="fp32"))
+    exact = rank(hub, digits, metrics=["logme"], options=opts(tmp_path, precision="fp32"))
     assert exact.precision == "fp32" and all(c.precision_error == {"logme": 0.0} and c.tie == "" for c in exact.candidates)
     assert "tie" not in exact.table().splitlines()[0]

@@ -25,12 +25,13 @@ def _run(path: Path, tmp_path: Path, monkeypatch):
 
 
 def _check_ranking(folder: Path, n_candidates: int) -> dict:
-    """The ranking folder is complete and consistent: ranks follow the LogME scores, the CSV agrees with the
-    JSON, and each candidate's saved LogME posterior has one row per class and the candidate's feature width."""
+    """The ranking folder is complete and consistent: ranks follow the first metric's scores, the CSV agrees
+    with the JSON, and each candidate's saved LogME posterior has one row per class and the candidate's feature
+    width."""
     data = json.loads((folder / "ranking.json").read_text())
     cands = data["candidates"]
-    assert len(cands) == n_candidates
-    scores = [c["scores"]["logme"] for c in cands]
+    assert len(cands) == n_candidates and "logme" in data["metrics"]
+    scores = [c["scores"][data["metrics"][0]] for c in cands]
     assert all(np.isfinite(scores))
     assert [c["rank"] for c in cands] == sorted([c["rank"] for c in cands])
     assert scores == sorted(scores, reverse=True)

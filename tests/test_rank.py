@@ -147,7 +147,7 @@ def test_stratified_order_prefixes_keep_proportions():
 def test_successive_halving_spends_less_and_keeps_finalists(tmp_path, digits):
     cands = [TinyCandidate(f"tiny-{i}", i) for i in range(4)]
     opts = ExtractOptions(precision="fp32", cache_dir=str(tmp_path), progress=False)
-    r = rank(cands, digits, options=opts, budget=30, top_k=1)
+    r = rank(cands, digits, metrics=["logme"], options=opts, budget=30, top_k=1)
     b = r.budget
     assert [len(h["candidates"]) for h in b["rounds"]] == [4, 2]
     assert [h["samples"] for h in b["rounds"]] == [30, 60]

@@ -41,9 +41,16 @@ def test_etran_column_is_the_papers_combination_over_the_hub(tmp_path, digits):
     assert "combined across these candidates" in r.table()
 
 
-def test_auto_is_the_mean_normalised_rank_of_its_components(tmp_path, digits):
+@pytest.mark.parametrize("comps", [None, ("transrate", "sfda", "nleep")])
+def test_auto_is_the_mean_normalised_rank_of_its_components(tmp_path, digits, monkeypatch, comps):
+    """The shipped components, and three (set through the module constant rank reads)."""
+    import hubtune.scoring.auto as A
+
+    if comps is None:
+        comps = A.COMPONENTS
+    else:
+        monkeypatch.setattr(A, "COMPONENTS", comps)
     cands = [TinyCandidate(f"tiny-{i}", i) for i in (0, 1, 2, 3)]
-    comps = ("transrate", "sfda", "nleep")
     feats = {c.spec: plain_features(c, digits)[0] for c in cands}
     scores = {s: {m: create_estimator(m).update(f, digits.labels).result().score for m in comps}
               for s, f in feats.items()}

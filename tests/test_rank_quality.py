@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hubtune.errors import InputError
-from hubtune.rank_quality import ranking_quality, tiers
+from hubtune.rank_quality import pair_tau, ranking_quality, tiers
 
 
 def brute_weighted_tau(x, y):
@@ -45,6 +45,8 @@ def test_raw_figures_equal_brute_force(pairs):
     top = max(pred, key=pred.get)
     assert q["raw"]["top1_regret"] == pytest.approx(100 * (truth[best] - truth[top]), abs=1e-9)
     assert q["n_tiers"] == len(truth) and q["tie_aware"] == pytest.approx(q["raw"])  # noise 0: no tie
+    # the pairwise form equals SciPy's without ties (so the tie-aware figure extends the literature's)
+    assert pair_tau(x, y) == pytest.approx(q["raw"]["weighted_tau"], abs=1e-12)
 
 
 def test_tiers_hand_checked():
@@ -69,6 +71,26 @@ def test_tie_aware_figures_ignore_order_within_a_tier():
     q = ranking_quality(wrong, truth, 0.005)
     assert q["tie_aware"]["top1_regret"] == pytest.approx(10.0) and q["predicted_top1"] == "c"
     assert q["tie_aware"]["weighted_tau"] < 0
+
+
+def test_a_prediction_that_orders_every_tier_scores_one_whatever_it_does_within():
+    truth = {"a": 0.90, "b": 0.899, "c": 0.898, "d": 0.80, "e": 0.799, "f": 0.70}   # tiers abc, de, f
+    for pred in ({"a": 6, "b": 5, "c": 4, "d": 3, "e": 2, "f": 1}, {"a": 4, "b": 6, "c": 5, "d": 2, "e": 3, "f": 1}):
+        q = ranking_quality({k: float(v) for k, v in pred.items()}, truth, noise=0.005)
+        assert q["tie_aware"]["weighted_tau"] == pytest.approx(1.0) and q["tie_aware"]["kendall_tau"] == 1.0
+    # one cross-tier swap (c below d): by hand, of the 11 cross-tier pairs one is discordant: τ = 9/11
+    q = ranking_quality({"a": 6.0, "b": 5.0, "c": 3.0, "d": 4.0, "e": 2.0, "f": 1.0}, truth, noise=0.005)
+    assert q["tie_aware"]["kendall_tau"] == pytest.approx(9 / 11)
+    # weighted, by hand: pair (c, d); pred ranks c=3, d=2; truth ranks (tier means) c=1, d=3.5
+    i, j = np.triu_indices(6, 1)
+    tier = np.array([0, 0, 0, 1, 1, 2])
+    keep = tier[i] != tier[j]
+    rp = np.array([0, 1, 3, 2, 4, 5.0])
+    rt = np.array([1, 1, 1, 3.5, 3.5, 5.0])
+    s = np.where((i[keep] == 2) & (j[keep] == 3), -1.0, 1.0)
+    want = np.mean([((1 / (r[i[keep]] + 1) + 1 / (r[j[keep]] + 1)) * s).sum()
+                    / (1 / (r[i[keep]] + 1) + 1 / (r[j[keep]] + 1)).sum() for r in (rp, rt)])
+    assert q["tie_aware"]["weighted_tau"] == pytest.approx(want, abs=1e-12)
 
 
 def test_bad_input():

@@ -8,7 +8,7 @@ from ._common import add_hub_args as _add_hub_args, hub_specs as _hub_specs
 
 def _cmd_rank(args) -> int:
     from ..features import ExtractOptions
-    from ..ranking import check_rank_args, rank
+    from ..ranking import DEFAULT_METRICS, check_rank_args, rank
 
     # every count is checked before the hub is listed or any model loaded (0 never means "everything")
     check_rank_args(max_samples=args.max_samples, per_class=args.per_class, budget=args.budget, top_k=args.top_k)
@@ -30,8 +30,8 @@ def _cmd_rank(args) -> int:
                                  max_retries=args.max_retries, shard_rows=args.ray_shard_rows)
     specs = _hub_specs(args)
     if not args.quiet:
-        print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or ['logme'])}")
-    ranking = rank(specs, args.dataset, metrics=args.metric or ["logme"], split=args.split,
+        print(f"Ranking {len(specs)} models on {args.dataset} with {', '.join(args.metric or DEFAULT_METRICS)}")
+    ranking = rank(specs, args.dataset, metrics=args.metric or None, split=args.split,
                    data_dir=args.data_dir, download=args.download, max_samples=args.max_samples, per_class=args.per_class,
                    options=options, budget=args.budget, top_k=args.top_k, out=args.out,
                    trust_remote_code=args.trust_remote_code, backend=args.backend, ray_options=ray_options,
@@ -64,7 +64,8 @@ def add_parser(sub, lazy: bool = False) -> None:
     rk.add_argument("--data-dir", help="where dataset files are looked for (default $HUBTUNE_DATA_DIR)")
     rk.add_argument("--download", action="store_true", help="download the dataset when missing (needs network)")
     _add_hub_args(rk)
-    rk.add_argument("--metric", action="append", choices=names, help="repeatable; the first orders the ranking")
+    rk.add_argument("--metric", action="append", choices=names,
+                    help="repeatable; the first orders the ranking (default: auto, then logme beside it)")
     rk.add_argument("--verify", type=int, metavar="K",
                     help="after scoring, fine-tune the top K briefly on a held-out split of the dataset by "
                          "successive halving, and put them first by held-out accuracy")

@@ -29,7 +29,7 @@ from ..errors import InputError
 from .base import Accumulator, ScoreResult, create_estimator, register_estimator
 
 #: the estimators ``auto`` aggregates (chosen on the zoos; see the module doc)
-COMPONENTS: tuple[str, ...] = ("transrate", "sfda", "nleep")
+COMPONENTS: tuple[str, ...] = ("transrate-proj",)
 
 
 @dataclass
