@@ -138,8 +138,8 @@ class Ranking:
                          f"{v.get('total_steps', '?')} steps in all by successive halving (r: rung reached) on "
                          f"{split.get('train', '?')} images, measured on {split.get('holdout', '?')} held out, "
                          f"in {v.get('seconds', 0):.0f} s"
-                         + (f" (about {cost['seconds_ratio']:.1%} of fine-tuning them fully)"
-                            if cost.get("seconds_ratio") else ""))
+                         + (f"; {cost['steps_ratio_all']:.1%} of the steps of fine-tuning all {cost['candidates']} "
+                            f"for {cost['full_epochs']} epochs" if cost.get("steps_ratio_all") else ""))
         lines += [f"skipped {_why(spec, why)}" for spec, why in self.skipped.items()]
         return "\n".join(lines)
 

@@ -50,7 +50,8 @@ the measure has less noise and costs no decoding work beyond the evaluation tran
 
 **Cost.** ``Verification.cost``: ``full_steps_per_candidate = full_epochs * ceil(len(dataset) / batch_size)``
 (a ``hubtune tune`` of ``full_epochs``, default 10 as TrainConfig's, on the whole dataset given);
-``steps_ratio = total_steps / (K * full_steps_per_candidate)`` (exact); ``reference_seconds = sum over the
+``steps_ratio = total_steps / (K * full_steps_per_candidate)`` (exact), and ``steps_ratio_all`` the same
+against fine-tuning every one of the ``candidates`` given (the whole ranking), the issue's yardstick; ``reference_seconds = sum over the
 candidates trained of (their measured training-loop seconds / their steps) * full_steps_per_candidate`` (an
 estimate of fine-tuning every finalist fully, training loops only); ``seconds_ratio = seconds /
 reference_seconds``, where ``seconds`` is verify's whole wall time (loading, evaluation and checkpoints
@@ -479,6 +480,7 @@ def verify(candidates, dataset, *, k: int = 4, budget_steps: int | None = None, 
     seconds = time.perf_counter() - t0
     cost = {"full_epochs": full_epochs, "full_steps_per_candidate": full_steps,
             "steps_ratio": total_steps / (k_eff * full_steps),
+            "candidates": len(candidates), "steps_ratio_all": total_steps / (len(candidates) * full_steps),
             "reference_seconds": reference, "seconds_ratio": seconds / reference if reference > 0 else None,
             "seconds_per_step": {r.spec: r.train_seconds / r.steps for r in measured}}
     split = {"seed": seed, "holdout_fraction": float(holdout), "train": len(train_part), "holdout": len(held),

@@ -170,6 +170,7 @@ def test_halving_keeps_the_best_by_held_out_accuracy_and_fixes_the_prior(run, mo
     assert (good.rank, good.rung, d1.rung, d2.rung) == (1, 1, 1, 0)
     assert len(good.accuracy) == len(good.loss) == 2 and all(c.verified for c in v.candidates)
     assert v.cost["steps_ratio"] == pytest.approx(56 / (3 * 10 * math.ceil(60 / BATCH)))
+    assert v.cost["steps_ratio_all"] == pytest.approx(56 / (len(v.candidates) * 10 * math.ceil(60 / BATCH)))
     assert v.cost["reference_seconds"] > 0 and v.cost["seconds_ratio"] > 0
     assert "held-out acc" in v.table()
 
