@@ -251,13 +251,12 @@ def _safe(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- rank
-def new_accumulators(metrics, logme_mode: str = "fast", head: bool = True) -> dict:
+def new_accumulators(metrics, logme_mode: str = "fast") -> dict:
     """A fresh accumulator per metric; LogME in ``logme_mode`` ("fast": float32 Gram blocks, within 1e-6 of
     "exact"; see :class:`~hubtune.scoring.logme.LogME`); plus, under :data:`HEAD`, the source-head check."""
     accs = {m: HeadStats() if m == HEAD else create_estimator(m, mode=logme_mode) if m == "logme"
             else create_estimator(m) for m in metrics}
-    if head:
-        accs.setdefault(HEAD, HeadStats())
+    accs.setdefault(HEAD, HeadStats())
     return accs
 
 

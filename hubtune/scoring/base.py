@@ -207,6 +207,14 @@ def require_classes(n_classes: int, what: str) -> None:
         )
 
 
+def minmax(values) -> np.ndarray:
+    """Min-max scaling to [0, 1] over the candidates (the published cross-model combinations of ETran and NCTI);
+    a term equal for every candidate scales to 0."""
+    v = np.asarray(values, dtype=np.float64)
+    span = v.max() - v.min()
+    return np.zeros_like(v) if span == 0 else (v - v.min()) / span
+
+
 def row_blocks(n: int, rows: int):
     """Slices covering range(n) in blocks of ``rows``."""
     for start in range(0, n, rows):

@@ -32,7 +32,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..errors import InputError
-from .base import ScoreResult, register_estimator
+from .base import ScoreResult, minmax, register_estimator
 from .nleep import StoredRows
 from .sfda import class_moments
 
@@ -86,12 +86,6 @@ class ETran(StoredRows):
         """{model: ETranResult} → {model: ETran score}: the paper's 0.15·minmax(energy) + 0.85·minmax(lda)
         over the given models (a term equal for every model scales to 0)."""
         names = list(results)
-
-        def minmax(v):
-            v = np.asarray(v, dtype=np.float64)
-            span = v.max() - v.min()
-            return np.zeros_like(v) if span == 0 else (v - v.min()) / span
-
         e = minmax([results[k].energy for k in names])
         d = minmax([results[k].lda for k in names])
         return {k: float(energy_weight * a + lda_weight * b) for k, a, b in zip(names, e, d)}

@@ -82,7 +82,7 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import InputError
-from .base import ScoreResult, register_estimator
+from .base import ScoreResult, minmax, register_estimator
 from .nleep import StoredRows
 from .sfda import shrunk, softmax
 
@@ -260,12 +260,6 @@ class NCTI(StoredRows):
         """{model: NCTIResult} → {model: NCTI score}: the paper's minmax(seli) + minmax(ncc) − minmax(vc) over
         the given models (a term equal for every model scales to 0; the weights default to the paper's 1)."""
         names = list(results)
-
-        def minmax(v):
-            v = np.asarray(v, dtype=np.float64)
-            span = v.max() - v.min()
-            return np.zeros_like(v) if span == 0 else (v - v.min()) / span
-
         s = minmax([results[k].seli for k in names])
         p = minmax([results[k].ncc for k in names])
         v = minmax([results[k].vc for k in names])
