@@ -140,6 +140,8 @@ def run(models, tmp_path_factory):
         return start_epoch, history
 
     hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests that compare with it (one_thread): float sums depend on the threads
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(Engine, "fit", counting_fit)
@@ -148,6 +150,7 @@ def run(models, tmp_path_factory):
                        tmp_dir=tmp, **KW)
     finally:
         hook.remove()
+        torch.set_num_threads(threads)
     return {"v": v, "steps": len(steps), "ends": ends, "restores": restores, "folders": folders, "tmp": tmp}
 
 
