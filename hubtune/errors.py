@@ -82,6 +82,16 @@ class TeacherCacheError(ConfigError):
     inputs the student sees (augmentation); the message says how to rewrite or disable the cache."""
 
 
+class TeacherServiceError(HubtuneError, RuntimeError):
+    """A served teacher (``serve:NAME``) did not answer: no replica within the timeout, or none at all, under
+    the ``on_stall="fail"`` policy; or the service does not exist. Names the service and the cure."""
+
+
+class TeacherMismatchError(TeacherServiceError):
+    """A served teacher answered with another identity (weights hash, preprocessing) than the run pinned: two
+    different teachers would be mixed in one run."""
+
+
 class OutputError(HubtuneError, OSError):
     """An output folder or cache cannot be written (read-only, full, over a size limit), or an output folder
     already holds a run that would be overwritten; the message names the path and the cure."""

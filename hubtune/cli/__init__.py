@@ -10,10 +10,10 @@ import warnings
 
 from .. import __version__
 from ..errors import HubtuneError
-from . import cache, cache_teacher, hub, rank, score, tune
+from . import cache, cache_teacher, hub, rank, score, serve_teacher, tune
 
 #: the subcommands, in the order ``--help`` lists them
-SUBCOMMANDS = (score, rank, hub, tune, cache_teacher, cache)
+SUBCOMMANDS = (score, rank, hub, tune, cache_teacher, serve_teacher, cache)
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:

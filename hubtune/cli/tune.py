@@ -128,7 +128,8 @@ def add_parser(sub, lazy: bool = False) -> None:
     tu.add_argument("--ranking", help="a `hubtune rank --out` folder: tune its best model (btuning: its top-K "
                                       "are the teachers; zootuning/hubpathway: its top-K are the models)")
     tu.add_argument("--top-k", type=int, help="with --ranking: the top K (btuning/zootuning/hubpathway: default 2)")
-    tu.add_argument("--teacher", help="kd: the teacher, a model tuned on this dataset (local-dir:PATH); with "
+    tu.add_argument("--teacher", help="kd: the teacher, a model tuned on this dataset (local-dir:PATH), or "
+                                      "serve:NAME, a teacher served by `hubtune serve-teacher`; with "
                                       "--ranking and no --teacher, the ranking's top-1 is fine-tuned into OUT/teacher "
                                       "first (reused when complete) and the student is --model or the best-ranked "
                                       "other model (within --method-arg max_student_params=N)")

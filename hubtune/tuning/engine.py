@@ -408,11 +408,12 @@ class Engine:
                 from tqdm import tqdm
 
                 bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr)
-            for step, raw in enumerate(loader):
-                batch = _to(_as_batch(raw), device)
+            for step, batch in enumerate(method.batches(_as_batch(raw) for raw in loader)):
+                batch = _to(batch, device)
                 n = len(batch["input"])
                 if mixer is not None and batch.get("target") is not None:
                     batch["input"], batch["target"] = mixer(batch["input"], batch["target"], epoch=epoch, step=step)
+                    batch.pop("teacher_logits", None)  # requested for the unmixed inputs: the teacher sees the mix
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     terms = model(batch)
                 if "total" not in terms:

@@ -414,6 +414,13 @@ class Method(torch.nn.Module):
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Called by the engine before each epoch (0-based)."""
 
+    def batches(self, batches):
+        """The epoch's training batches (dicts, on the host, in order) as the engine consumes them. The default
+        passes them through; a method whose teacher is a service (``serve:NAME``) wraps them so the teacher's
+        outputs for the next batches are requested while the student trains on this one
+        (:meth:`hubtune.serving.TeacherClient.pipeline`)."""
+        return batches
+
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """Frozen, never-trained submodules (teachers), by attribute path (``{"teacher": self.teacher}``).
 

@@ -9,8 +9,10 @@ A source is called with a batch and gives the teacher's outputs ``(B, C)`` for i
   an augmented training set, per epoch); the method then holds no teacher module at all. Batches must carry
   ``"index"`` (:class:`IndexedDataset`), so such a method sets ``needs_index``.
 
-:func:`teacher_source` picks one from the method's ``cache_teacher``/``cache_dir``/``cache_path`` settings. A
-served teacher (Ray Serve) is the third kind the design names; it is not built yet.
+:func:`teacher_source` picks one from the method's ``cache_teacher``/``cache_dir``/``cache_path`` settings. The
+third kind, a served teacher (``serve:NAME``, Ray Serve, :mod:`hubtune.serving`), is a :class:`ServedTeacherModule`
+behind a :class:`LiveTeacher`: its outputs are requested ahead by the method's ``batches`` hook and arrive in
+``batch["teacher_logits"]``; a step without them (mixup changed the inputs) makes one request.
 
 Cache files and keys: :func:`cache_teacher_outputs` runs the teacher (eval mode, fp32, through its input view) once
 over a dataset in index order, for ``epochs`` epochs: before epoch ``e`` it calls ``dataset.set_epoch(e)`` when the
@@ -36,7 +38,7 @@ import torch
 from .._checks import check_count
 from .._io import atomic_path, write_json
 from ..errors import ConfigError, InputError, TeacherCacheError
-from .models import InputAdapter, has_data_config, load_model, module_identity, view_of
+from .models import HubModel, InputAdapter, has_data_config, load_model, module_identity, view_of
 
 __all__ = ["LiveTeacher", "CachedTeacher", "teacher_source", "TeacherCache", "cache_teacher_outputs",
            "IndexedDataset", "teacher_view_key", "teacher_cache_key", "teacher_cache_path", "input_fingerprint",
@@ -338,6 +340,71 @@ class TeacherCache:
         return torch.from_numpy(rows).to(x.device)
 
 
+# ---------------------------------------------------------------------------------------------- served teachers
+SERVE_PREFIX = "serve:"
+
+
+class ServedTeacherModule(torch.nn.Module):
+    """A teacher served by ``hubtune serve-teacher`` (Ray Serve), seen by the methods as a frozen module:
+    ``forward(x)`` (x in the teacher's input view) is one request through a :class:`~hubtune.serving.TeacherClient`;
+    :meth:`pipeline` keeps ``window`` requests in flight ahead of training. It holds no weights: its one buffer
+    is the service's identity (weights hash and preprocessing), so the engine's record of frozen modules, and a
+    resume, tell two different teachers apart."""
+
+    def __init__(self, name: str, address=None, *, window: int = 4, timeout: float = 30.0, retries: int = 3,
+                 on_stall: str = "fail"):
+        super().__init__()
+        from ..serving import TeacherClient
+        from ..serving.deployment import RayServeTransport
+
+        transport = RayServeTransport(name, address)
+        info = transport.info()
+        self.service, self.info = name, info
+        self.pretrained_cfg = dict(info.get("data_config") or {})
+        self.num_classes = info.get("num_classes")
+        self.register_buffer("identity_bytes", torch.tensor(list(info["identity"].encode()), dtype=torch.uint8))
+        local = None
+        if on_stall == "local":  # the same teacher, loaded here for the batches no replica answers
+            hm, _ = load_teacher(info["spec"], "teacher")
+            module = hm.module.eval().requires_grad_(False)
+            local = _Local(module, info["identity"])
+        self.client = TeacherClient(transport, window=window, timeout=timeout, retries=retries,
+                                    on_stall=on_stall, local=local, identity=info["identity"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.client(x.detach().float().cpu()).to(x.device)
+
+    def pipeline(self, batches, adapter=None):
+        """The batches with ``batch["teacher_logits"]`` set, requested ``window`` batches ahead, in order."""
+        def view(b):
+            x = b["input"]
+            with torch.no_grad():
+                return (adapter(x) if adapter is not None else x).float()
+
+        for batch, logits in self.client.pipeline(batches, inputs=view):
+            batch["teacher_logits"] = logits
+            yield batch
+
+
+class _Local:
+    def __init__(self, module, identity):
+        self.module, self.identity = module, identity
+
+    def __call__(self, x):
+        with torch.no_grad():
+            return self.module(x)
+
+
+def served_teacher(spec: str, **client_kwargs) -> HubModel:
+    """``serve:NAME`` (or ``serve:NAME@ADDRESS``) → a :class:`HubModel` whose module is a
+    :class:`ServedTeacherModule`, with the service's data config and identity."""
+    name, _, address = spec[len(SERVE_PREFIX):].partition("@")
+    if not name:
+        raise ConfigError(f"teacher {spec!r} names no service: write serve:NAME (see `hubtune serve-teacher --list`)")
+    module = ServedTeacherModule(name, address or None, **client_kwargs)
+    return HubModel(module, dict(module.pretrained_cfg), spec, module.info["identity"], 0)
+
+
 # ---------------------------------------------------------------------------------------------- sources
 class LiveTeacher:
     """A frozen local ``module`` seen through ``adapter`` (None: fed the batch as it comes). Holds references
@@ -353,6 +420,8 @@ class LiveTeacher:
         pass
 
     def __call__(self, batch: dict) -> torch.Tensor:
+        if "teacher_logits" in batch:  # requested ahead by a served teacher's pipeline
+            return batch["teacher_logits"]
         x = batch["input"]
         with torch.no_grad():
             return self.module(self.adapter(x) if self.adapter is not None else x)

@@ -65,7 +65,9 @@ from ..losses.distillation import DistillationLoss
 from ..losses.hints import IntermediateDistillation
 from ..method import Method, MethodContext, Setting, register_method
 from ..models import InputAdapter, module_identity
-from ..teachers import load_teacher, teacher_source, teacher_view_key
+from ..teachers import (
+    SERVE_PREFIX, ServedTeacherModule, load_teacher, served_teacher, teacher_source, teacher_view_key,
+)
 
 __all__ = ["KnowledgeDistillation"]
 
@@ -160,6 +162,11 @@ class KnowledgeDistillation(Method):
         "teacher_data_config": Setting(None, "the teacher's data config (default: its own)", dict),
         "max_student_params": Setting(None, "with a ranking and no model: the largest student to pick", int),
         "pretrained": Setting(True, "load a spec student's pretrained weights", bool),
+        "serve_window": Setting(4, "teacher=serve:NAME: requests kept in flight ahead of training", int),
+        "serve_timeout": Setting(30.0, "teacher=serve:NAME: seconds without an answer before a request stalls",
+                                 float),
+        "serve_on_stall": Setting("fail", "teacher=serve:NAME: when no replica answers: fail, wait, or local "
+                                          "(compute with the teacher loaded here)", str),
     }
 
     @classmethod
@@ -190,14 +197,16 @@ class KnowledgeDistillation(Method):
                  layer_temperature: float = 1.0, sample_input: torch.Tensor | None = None,
                  teacher_bn: str = "eval", cache_teacher: bool = False, cache_dir=None, cache_path=None,
                  verify_cache: bool = True, pretrained: bool = True, data_config: dict | None = None,
-                 teacher_data_config: dict | None = None):
+                 teacher_data_config: dict | None = None, serve_window: int = 4, serve_timeout: float = 30.0,
+                 serve_on_stall: str = "fail"):
         super().__init__()
+        if isinstance(teacher, str) and teacher.startswith(SERVE_PREFIX):  # a teacher service (Ray Serve)
+            if cache_teacher or cache_path is not None or teacher_bn == "train" or layers:
+                raise ConfigError(f"teacher={teacher!r} is a service: it answers logits only, in eval mode; drop "
+                                  "cache_teacher/cache_path, teacher_bn='train' and layers=")
+            teacher = served_teacher(teacher, window=serve_window, timeout=serve_timeout, on_stall=serve_on_stall)
         s_hm, s_cfg = load_teacher(student, "student", pretrained)
-        t_hm, t_cfg = load_teacher(teacher, "teacher", True)  # a teacher always has its weights
-        student, teacher = s_hm.module, t_hm.module
-        if student is teacher:
-            raise ConfigError("KnowledgeDistillation got the same module as student and teacher; pass a copy "
-                              "(copy.deepcopy) or a fresh student")
+        student = s_hm.module
         if num_classes is not None:
             if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
                 raise ConfigError(f"KnowledgeDistillation num_classes={num_classes!r} is invalid: give a whole "
@@ -208,6 +217,13 @@ class KnowledgeDistillation(Method):
                                       f"({type(student).__name__}) has no reset_classifier(); build it with "
                                       f"{num_classes} outputs")
                 student.reset_classifier(num_classes)
+        # the teacher is loaded after the student's new head is drawn, so the student starts the same whatever
+        # the teacher is (a local model, whose construction draws from the RNG, or a service, which does not)
+        t_hm, t_cfg = load_teacher(teacher, "teacher", True)  # a teacher always has its weights
+        teacher = t_hm.module
+        if student is teacher:
+            raise ConfigError("KnowledgeDistillation got the same module as student and teacher; pass a copy "
+                              "(copy.deepcopy) or a fresh student")
         s_c, t_c = _num_classes(student), _num_classes(teacher)
         if s_c is not None and t_c is not None and s_c != t_c:
             raise ConfigError(self._class_msg(s_c, t_c))
@@ -288,6 +304,13 @@ class KnowledgeDistillation(Method):
             self.cache_path, self.cache_key = None, None
             self.teacher = teacher
         self.train()
+
+    def batches(self, batches):
+        """With a served teacher, its outputs for the next ``serve_window`` batches are requested while the
+        student trains on this one (EDL's reader); otherwise the batches as they come."""
+        if isinstance(self.teacher, ServedTeacherModule):
+            return self.teacher.pipeline(batches, adapter=self.teacher_adapter)
+        return batches
 
     @staticmethod
     def _class_msg(s_c, t_c) -> str:
