@@ -38,7 +38,7 @@ def tiers(truth: dict[str, float], noise: float) -> dict[str, int]:
     order = sorted(truth, key=lambda k: -truth[k])
     out, tier, top = {}, -1, None
     for k in order:
-        if top is None or truth[k] < top - noise or (noise == 0 and truth[k] < top):
+        if top is None or truth[k] < top - noise:
             tier, top = tier + 1, truth[k]
         out[k] = tier
     return out

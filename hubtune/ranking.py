@@ -147,8 +147,7 @@ class Ranking:
         return {"hubtune": __version__, "dataset": self.dataset, "dataset_info": self.dataset_info,
                 "precision": self.precision,
                 "metrics": self.metrics, "budget": self.budget, "skipped": self.skipped,
-                "verification": self.verification, "flags": {f: FLAGS[f] for f in sorted(
-                    {f for c in self.candidates for f in c.flags}) if f in FLAGS},
+                "verification": self.verification, "flags": {f: FLAGS[f] for f in sorted({f for c in self.candidates for f in c.flags})},
                 "candidates": [asdict(c) for c in self.candidates]}
 
     def save(self, out: str | Path) -> Path:
@@ -320,7 +319,7 @@ class HeadStats:
 
 def _combines(metric: str) -> bool:
     """The estimator's score is defined across the candidates (``combine(results) -> {spec: score}``)."""
-    return metric != HEAD and callable(getattr(ESTIMATORS.get(metric), "combine", None))
+    return callable(getattr(ESTIMATORS.get(metric), "combine", None))
 
 
 def apply_combined(entries, metrics) -> None:
@@ -546,13 +545,20 @@ def _check_count(name: str, flag: str, value) -> int | None:
                                                     f"{'every image' if name != 'top_k' else 'the default'}")
 
 
-def check_rank_args(max_samples=None, per_class=None, budget=None, top_k=None) -> None:
+def check_rank_args(max_samples=None, per_class=None, budget=None, top_k=None, verify=None,
+                    verify_budget=None) -> None:
     """Validate the counts of a rank before any work: each is None or an integer >= 1 (0 is refused, not
-    taken to mean everything). Raises :class:`~hubtune.errors.InputError` naming the argument and its flag."""
+    taken to mean everything), and ``verify_budget`` needs ``verify``. Raises
+    :class:`~hubtune.errors.InputError` naming the argument and its flag."""
     _check_count("max_samples", "--max-samples", max_samples)
     _check_count("per_class", "--per-class", per_class)
     _check_count("budget", "--budget", budget)
     _check_count("top_k", "--top-k", top_k)
+    check_count("verify", verify, flag="--verify", cure="pass how many of the top candidates to fine-tune")
+    check_count("verify_budget", verify_budget, flag="--verify-budget", cure="pass the total optimizer steps")
+    if verify_budget is not None and verify is None:
+        raise InputError(f"--verify-budget {verify_budget} without --verify K (verify_budget={verify_budget} without "
+                         "verify): pass how many of the top candidates to fine-tune")
 
 
 def resolve_spec(spec: str) -> str:
@@ -614,14 +620,7 @@ def rank(models, dataset="digits", metrics=None, *, split="train", data_dir=None
     from .data import ImageDataset, create_dataset, stratified_subsample
     from .features import ExtractOptions, FeatureCache
 
-    check_rank_args(max_samples, per_class, budget, top_k)
-    if verify is not None:
-        check_count("verify", verify, flag="--verify", cure="pass how many of the top candidates to fine-tune")
-    if verify_budget is not None:
-        check_count("verify_budget", verify_budget, flag="--verify-budget", cure="pass the total optimizer steps")
-        if verify is None:
-            raise InputError(f"verify_budget={verify_budget} (--verify-budget) without verify (--verify K); "
-                             "pass how many candidates to verify")
+    check_rank_args(max_samples, per_class, budget, top_k, verify, verify_budget)
     metrics = list(DEFAULT_METRICS if metrics is None else metrics)
     if not metrics:
         raise InputError("metrics is empty; pass at least one of " + ", ".join(ESTIMATORS.names()))

@@ -129,6 +129,14 @@ def test_head_stats_merge_and_threshold():
     state = HeadStats().update(shifted).state_dict()
     assert HeadStats().load_state_dict(state).merge(HeadStats().update(far)).result().score == pytest.approx(
         HeadStats().update(np.vstack([shifted, far])).result().score)
+    # the score (largest per-class range) of merged shards equals the one-pass brute force, in either order
+    from hubtune.scoring.leep import softmax
+
+    p = softmax(np.vstack([z, shifted]))
+    want = float((p.max(axis=0) - p.min(axis=0)).max())
+    for a_rows, b_rows in ((z, shifted), (shifted, z)):
+        got = HeadStats().update(a_rows).merge(HeadStats().update(b_rows)).result().score
+        assert got == pytest.approx(want, rel=1e-12)
     assert not HeadStats().result().constant   # no logits: nothing to flag
 
 

@@ -11,12 +11,8 @@ def _cmd_rank(args) -> int:
     from ..ranking import DEFAULT_METRICS, check_rank_args, rank
 
     # every count is checked before the hub is listed or any model loaded (0 never means "everything")
-    check_rank_args(max_samples=args.max_samples, per_class=args.per_class, budget=args.budget, top_k=args.top_k)
-    if args.verify_budget is not None and args.verify is None:
-        from ..errors import InputError
-
-        raise InputError(f"--verify-budget {args.verify_budget} without --verify K; pass how many of the top "
-                         "candidates to fine-tune")
+    check_rank_args(max_samples=args.max_samples, per_class=args.per_class, budget=args.budget, top_k=args.top_k,
+                    verify=args.verify, verify_budget=args.verify_budget)
     options = ExtractOptions(batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
                              precision=args.precision, compile=False if args.no_compile else "auto",
                              cache_dir=args.cache_dir, use_cache=not args.no_cache,

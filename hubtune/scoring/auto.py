@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from .base import Accumulator, ScoreResult, create_estimator, register_estimator
+from .base import ESTIMATORS, Accumulator, ScoreResult, create_estimator, register_estimator
 
 #: the estimators ``auto`` aggregates (chosen on the zoos; see the module doc)
 COMPONENTS: tuple[str, ...] = ("transrate-proj",)
@@ -51,8 +51,6 @@ class Auto(Accumulator):
         if not comps:
             raise InputError("components is empty; name at least one estimator, or leave it out for "
                              f"{', '.join(COMPONENTS)}")
-        from .base import ESTIMATORS
-
         for c in comps:
             cls = ESTIMATORS.get(c)  # an unknown name raises, listing the registered ones
             if c == "auto" or cls.input_kind != "features":
