@@ -18,6 +18,7 @@ from hubtune.errors import ConfigError, TeacherCacheError  # noqa: E402
 from hubtune.features import ExtractOptions  # noqa: E402
 from hubtune.ranking import Ranking  # noqa: E402
 from hubtune.tuning import save_timm_folder  # noqa: E402
+from hubtune.tuning.method import MethodContext  # noqa: E402
 from hubtune.tuning.methods.btuning import BTuning, TeacherEnsemble, mixture_weights  # noqa: E402
 from hubtune.tuning.engine import Engine, TrainConfig  # noqa: E402
 from hubtune.tuning.teachers import IndexedDataset, cache_teacher_outputs  # noqa: E402
@@ -352,3 +353,34 @@ def test_make_transferable_builds_btuning():
     x, y = separable(4, C, 16).tensors
     assert set(m.losses({"input": x, "target": y})) == {"total", "ce", "mse"}
     assert isinstance(m.ensemble, TeacherEnsemble)
+
+
+# ------------------------------------------------------------------------------------ served teachers (no Ray)
+def test_served_teacher_lists_and_ranking_match(ranked):
+    """``--teacher serve:A,serve:B`` is split into services; a service is matched to the ranked model it serves
+    (its LogME weights), and one serving an unranked model is refused naming the ranked ones."""
+    from types import SimpleNamespace
+
+    from hubtune.tuning.methods.btuning import ranked_spec_of, served_specs
+    from hubtune.tuning.models import HubModel
+
+    assert served_specs("serve:a, serve:b@127.0.0.1:6379") == ["serve:a", "serve:b@127.0.0.1:6379"]
+    assert served_specs("serve:a") == ["serve:a"] and served_specs(["x", "y"]) == ["x", "y"]
+    assert served_specs(None) is None
+    rk = Ranking.load(ranked)
+
+    def service(spec):
+        return HubModel(SimpleNamespace(info={"spec": spec}), {}, "serve:t", "id", 0)
+
+    second = rk.candidates[1].spec
+    assert ranked_spec_of(service(second), rk) == second
+    with pytest.raises(ConfigError, match="did not rank.*local-dir:"):
+        ranked_spec_of(service("resnet18"), rk)
+    # services and a cache do not mix, refused before any service is contacted
+    with pytest.raises(ConfigError, match="cache_teacher/cache_path cannot be combined with served"):
+        BTuning(tiny(3), ["serve:a", "serve:b"], C, teacher_weights=[None, None], logme_scores=[0, 0],
+                cache_teacher=True)
+    with pytest.raises(ConfigError, match="from services of ranked models"):
+        BTuning.from_settings(MethodContext(
+            method="btuning", num_classes=10, settings={**{k: v.default for k, v in BTuning.settings.items()}},
+            ranking=str(ranked), teachers={"teachers": "resnet18"}))

@@ -56,8 +56,8 @@ class FakeTransport:
     name = NAME
 
     def __init__(self, latency=lambda k: 0.005, n_replicas=2, die_after=None, fail=None, hang=None,
-                 identity=lambda n: "teacherA"):
-        self.latency, self.die_after, self.identity = latency, die_after, identity
+                 identity=lambda n: "teacherA", output="logits"):
+        self.latency, self.die_after, self.identity, self.output = latency, die_after, identity, output
         self.fail, self.hang = fail or (lambda key, a: False), hang or (lambda key, a: False)
         self.alive = [f"r{j}" for j in range(n_replicas)]
         self.cond = threading.Condition()
@@ -130,7 +130,7 @@ class FakeTransport:
         if err is not None:
             p.future.set_exception(err)
         else:
-            p.future.set_result({"logits": ref(x).numpy(), "identity": ident, "replica": replica})
+            p.future.set_result({self.output: ref(x).numpy(), "identity": ident, "replica": replica})
 
 
 @pytest.fixture
@@ -366,3 +366,18 @@ def test_argument_errors(fakes, kw, bad):
 def test_transport_must_have_the_protocol():
     with pytest.raises(InputError, match="submit"):
         TeacherClient(object())
+
+
+def test_features_output_reads_the_features_field(fakes):
+    """A client for features (btuning, SSLD's dedup) reads the answer's "features"; one that expects logits
+    from a service answering features is a protocol error naming the field, not a wrong tensor."""
+    t = fakes(output="features")
+    client = TeacherClient(t, window=3, output="features")
+    got = [(b["i"], out) for b, out in client.pipeline(make_batch(i) for i in range(5))]
+    assert [i for i, _ in got] == list(range(5))
+    for i, out in got:
+        torch.testing.assert_close(out, ref(make_batch(i)["input"]))
+    with pytest.raises(TeacherServiceError, match="without 'logits'"):
+        TeacherClient(fakes(output="features"))(make_batch(0)["input"])
+    with pytest.raises(InputError, match="output='probs'"):
+        TeacherClient(fakes(), output="probs")

@@ -6,6 +6,7 @@ One Serve instance for the module (starting one costs seconds), with a tiny timm
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_served_logits_equal_local(served, local_teacher, ray_local):
     assert served.info["identity"] == teacher_view_key(hm.identity, cfg)
     assert served.info["data_config"] == cfg and served.info["spec"] == spec
     assert served.info["num_classes"] == 10 and served.info["precision"] == "fp32"
+    assert served.info["num_features"] == hm.module.num_features and served.info["model_identity"] == hm.identity
     tr = RayServeTransport(NAME)
     assert tr.name == NAME and tr.replicas() == 1
     xs = [_batch(n, seed=n) for n in (1, 3, 5, 2)]
@@ -186,6 +188,85 @@ def test_kd_from_a_served_teacher_equals_kd_from_the_local_one(served, local_tea
     assert st["answered"] == 6 and st["failovers"] == 0 and st["identity"] == served.info["identity"]
 
 
+def test_btuning_from_served_teachers_equals_btuning_from_local_ones(served, local_teacher, tmp_path):
+    """btuning with --teacher serve:A,serve:B: the services answer penultimate features equal to the local
+    models', the LogME weights come from the ranking entries of the models they serve, p(x) is requested ahead
+    (pipelined), and the seeded run trains the same student as with the local teachers."""
+    from conftest import tiny_timm
+
+    import hubtune
+    from hubtune.features import ExtractOptions
+    from hubtune.serving import serve_teacher, stop_teacher
+    from hubtune.tuning import Engine, TrainConfig, save_timm_folder
+    from hubtune.tuning import teachers as T
+    from hubtune.tuning.methods.btuning import BTuning
+    from hubtune.tuning.models import penultimate_features
+
+    spec_a, hm, _ = local_teacher
+    folder_b = tmp_path / "b"
+    save_timm_folder(tiny_timm(seed=2), folder_b)
+    rank_dir = tmp_path / "rank"
+    rk = hubtune.rank([spec_a, f"local-dir:{folder_b}"], "digits", max_samples=60, out=rank_dir,
+                      options=ExtractOptions(precision="fp32", cache_dir=str(tmp_path / "cache"), progress=False))
+    st = serve_teacher(folder_b, name="tiny-b", num_cpus=0.5)
+    try:
+        by_spec = {spec_a: f"serve:{NAME}", st.info["spec"]: "serve:tiny-b"}
+        services = ",".join(by_spec[c.spec] for c in rk.candidates)  # in ranked order: the local run's order
+
+        x = _batch(3, seed=7)
+        served_b = T.served_teacher("serve:tiny-b").module
+        local_b = T.load_teacher(f"local-dir:{folder_b}")[0].module.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(penultimate_features(served_b, x), penultimate_features(local_b, x),
+                                       rtol=1e-4, atol=1e-5)
+
+        def run(teachers, out, recorded):
+            torch.manual_seed(0)
+            # trade_off 1 (not 100): random tiny teachers' projections are large, and a diverging run would
+            # amplify batching's 1e-6 rounding into different students
+            m = BTuning.from_ranking(rank_dir, 2, 10, served=teachers, serve_window=3, trade_off=1.0)
+            real = T.LiveTeacher.__call__
+
+            def spy(self, batch):
+                p = real(self, batch)
+                recorded.append((p.detach().clone(), "teacher_logits" in batch))
+                return p
+
+            T.LiveTeacher.__call__ = spy
+            try:
+                Engine(TrainConfig(epochs=1, batch_size=8, lr=0.001, seed=0, out_dir=str(out), progress=False)).fit(
+                    m, _Images())
+            finally:
+                T.LiveTeacher.__call__ = real
+            return m
+
+        got_s, got_l = [], []
+        m_s = run(services, tmp_path / "s", got_s)
+        m_l = run(None, tmp_path / "l", got_l)
+        assert m_s.teacher_names == [by_spec[c.spec] for c in rk.candidates]
+        for i in range(2):  # the services' projections are the ranking's, as the local teachers'
+            torch.testing.assert_close(getattr(m_s.ensemble, f"proj{i}"), getattr(m_l.ensemble, f"proj{i}"))
+        assert len(got_s) == len(got_l) == 6
+        assert all(piped for _, piped in got_s) and not any(piped for _, piped in got_l)
+        for (ps, _), (pl, _) in zip(got_s, got_l):
+            torch.testing.assert_close(ps, pl, rtol=1e-4, atol=1e-5)
+        for (k, a), b in zip(m_s.student.state_dict().items(), m_l.student.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
+        for t in m_s.ensemble.teachers:
+            assert t.features_client.stats["answered"] == 6 and t.client.stats["answered"] == 0
+        # the command line: --teacher serve:A,serve:B with --ranking
+        from hubtune.cli import main
+
+        out = tmp_path / "cli"
+        assert main(["tune", "--method", "btuning", "--ranking", str(rank_dir), "--teacher", services,
+                     "--dataset", "digits", "--max-samples", "60", "--epochs", "1", "--batch-size", "30",
+                     "--lr", "0.001", "--method-arg", "trade_off=1", "--out", str(out)]) == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["method_hparams"]["teachers"] == services.split(",") and "train_mse" in rep["history"][-1]
+    finally:
+        stop_teacher("tiny-b")
+
+
 def test_kd_survives_a_replica_death_mid_epoch(served, local_teacher, tmp_path):
     """Two replicas, one exits after 2 requests: the epoch completes, every batch got its teacher output once,
     in order, equal to the local teacher's."""
@@ -232,11 +313,22 @@ def test_scale_mid_run_then_to_zero_applies_the_stall_policy(served, local_teach
             np.testing.assert_allclose(logits.numpy(), _local_logits(hm, b["input"]), rtol=1e-4, atol=1e-5)
             seen = set(client.stats["replicas_seen"])
         assert len(seen) == 2, f"after scaling to 2 only {seen} answered"
+        from hubtune.tuning.models import penultimate_features
+        from hubtune.tuning.teachers import served_teacher
+
+        fallback = served_teacher("serve:tiny-s", timeout=1.0, on_stall="local").module  # made while it answers
         scale_teacher("tiny-s", 0, timeout_s=60)
         t0 = time.perf_counter()
         with pytest.raises(TeacherServiceError, match=r"tiny-s.*(?s:.*)--scale"):
             client(_batch(1))
         assert time.perf_counter() - t0 < 30
+        # 'local': the stalled batches are computed with the same teacher loaded here, logits and features
+        x = _batch(2, seed=99)
+        np.testing.assert_allclose(fallback(x).numpy(), _local_logits(hm, x), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(penultimate_features(fallback, x), penultimate_features(hm.module.eval(), x))
+        assert fallback.client.stats["local"] == 1 and fallback.features_client.stats["local"] == 1
+        assert list(fallback.state_dict()) == ["identity_bytes"]  # the local copy is no part of its state
     finally:
         stop_teacher(st.name)
 

@@ -1,13 +1,15 @@
 """The student side of a served teacher: :class:`TeacherClient`, EDL's reader.
 
 A teacher runs as an inference service (Ray Serve, :mod:`hubtune.serving.deployment`); the student sends it
-batches already seen through the teacher's input view and gets its logits back. This module imports no Ray: it
+batches already seen through the teacher's input view and gets its logits back (or, with
+``output="features"``, its penultimate features: what B-Tuning projects and SSLD deduplicates with). This module imports no Ray: it
 speaks to the service through a :class:`Transport` (the deployment side provides one over a Serve handle; the
 tests script a fake one), so it costs nothing to import and is tested without a cluster.
 
 **Transport protocol.** ``transport.submit(x)`` sends a float32 batch and returns at once with a
 :class:`Pending`; ``pending.result(timeout)`` blocks up to ``timeout`` seconds and returns
-``{"logits": float32 (n, C) array, "identity": str, "replica": str}``, or raises :class:`ReplicaError` (the
+``{"logits": float32 (n, C) array, "identity": str, "replica": str}`` (``"features"``, (n, D), instead of
+``"logits"`` from a transport built for features), or raises :class:`ReplicaError` (the
 replica that held the request died; teacher inference is idempotent, so it is resubmitted) or ``TimeoutError``
 (no answer yet; ``result`` may be called again, as on a ``concurrent.futures.Future``). ``pending.cancel()`` is
 optional (called, when present, on a request the client abandons). ``transport.replicas()`` is the number of
@@ -47,9 +49,11 @@ import torch
 
 from ..errors import InputError, TeacherMismatchError, TeacherServiceError
 
-__all__ = ["TeacherClient", "Transport", "Pending", "ReplicaError", "STALL_POLICIES"]
+__all__ = ["TeacherClient", "Transport", "Pending", "ReplicaError", "STALL_POLICIES", "OUTPUTS"]
 
 STALL_POLICIES = ("fail", "wait", "local")
+#: what a served teacher answers: its logits (kd) or its penultimate features (btuning, SSLD's dedup)
+OUTPUTS = ("logits", "features")
 _TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)  # one class since Python 3.11; two before
 
 
@@ -114,12 +118,13 @@ class TeacherClient:
     docstring). ``local``: a callable ``x -> logits`` (the teacher module loaded here), required by
     ``on_stall="local"``; its ``identity`` attribute, when it has one, must match the service's. ``identity``:
     the teacher identity to insist on (default: the first answer's). ``poll``: seconds between checks of
-    ``transport.replicas()`` while waiting.
+    ``transport.replicas()`` while waiting. ``output``: the answer's field the client reads, ``"logits"`` or
+    ``"features"`` (the transport must ask the service for the same; ``local`` then returns features too).
     """
 
     def __init__(self, transport: Transport, *, window: int = 4, timeout: float = 30.0, retries: int = 3,
                  on_stall: str = "fail", local: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 identity: str | None = None, poll: float = 0.5):
+                 identity: str | None = None, poll: float = 0.5, output: str = "logits"):
         for attr in ("submit", "replicas"):
             if not callable(getattr(transport, attr, None)):
                 raise InputError(f"TeacherClient transport={transport!r} has no {attr}() method: give a "
@@ -134,6 +139,9 @@ class TeacherClient:
                                      cure="resubmissions of a batch whose replica died (0: none), e.g. 3")
         self.poll = _check_number("poll", poll, low=0, strict=True, integer=False,
                                   cure="seconds between checks of the live replicas, e.g. 0.5")
+        if output not in OUTPUTS:
+            raise InputError(f"TeacherClient output={output!r} is unknown: give one of {', '.join(OUTPUTS)}")
+        self.output = output
         if on_stall not in STALL_POLICIES:
             raise InputError(f"TeacherClient on_stall={on_stall!r} is unknown: give one of {', '.join(STALL_POLICIES)}"
                              " ('fail': raise, 'wait': wait for replicas, 'local': compute with a local teacher)")
@@ -359,19 +367,21 @@ class TeacherClient:
 
     def _accept(self, req: _Request, answer: dict) -> torch.Tensor:
         try:
-            logits, ident, replica = answer["logits"], answer["identity"], answer["replica"]
+            logits, ident, replica = answer[self.output], answer["identity"], answer["replica"]
         except (KeyError, TypeError):
             raise TeacherServiceError(f"teacher service {self.name!r} answered {type(answer).__name__} without "
-                                      "'logits', 'identity' and 'replica': the service and this hubtune disagree "
-                                      "on the protocol; redeploy it with this hubtune (`hubtune serve-teacher`)")
+                                      f"'{self.output}', 'identity' and 'replica': the service and this hubtune "
+                                      "disagree on the protocol; redeploy it with this hubtune "
+                                      "(`hubtune serve-teacher`)")
         self._stats["latencies"].append(time.monotonic() - req.t_submit)
         self._stats["answered"] += 1
         self._replicas_seen.add(str(replica))
         self._check_identity(str(ident), f"replica {replica}")
         out = torch.from_numpy(np.array(logits, dtype=np.float32, copy=True))
         if out.ndim != 2 or out.shape[0] != req.x.shape[0]:
-            raise TeacherServiceError(f"teacher service {self.name!r} (replica {replica}) answered logits of shape "
-                                      f"{tuple(out.shape)} for a batch of {req.x.shape[0]}: expected (n, classes)")
+            raise TeacherServiceError(f"teacher service {self.name!r} (replica {replica}) answered {self.output} of "
+                                      f"shape {tuple(out.shape)} for a batch of {req.x.shape[0]}: expected (n, "
+                                      f"{'classes' if self.output == 'logits' else 'width'})")
         return out.to(req.x.device)
 
     def _compute_local(self, req: _Request) -> torch.Tensor:

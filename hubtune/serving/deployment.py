@@ -7,8 +7,10 @@ when one of its names is used.
   ``serve.run(...)`` work as for any Serve deployment. Each replica loads the teacher once (a hub spec, or the
   folder ``hubtune tune`` wrote), puts it in eval mode and answers float32 batches that are *already in the
   teacher's input view* (the client adapts them with an :class:`~hubtune.tuning.models.InputAdapter` built from
-  the published data config) with ``{"logits": float32 (n, C), "identity": str, "replica": str}``. Requests are
-  batched by ``@serve.batch`` (``max_batch`` rows' worth of requests per forward pass), run under
+  the published data config) with ``{"logits": float32 (n, C), "identity": str, "replica": str}``; its
+  ``features`` method answers the penultimate features the same way (``{"features": float32 (n, D), ...}``,
+  :func:`~hubtune.tuning.models.penultimate_features`, exactly what ``hubtune rank`` extracts), which B-Tuning
+  projects and SSLD deduplicates with. Requests are batched by ``@serve.batch`` (``max_batch`` rows' worth of requests per forward pass), run under
   ``torch.inference_mode``, in bf16 autocast only on a CUDA device that supports bf16 (``precision="auto"``;
   fp32 on CPU). ``identity`` is :func:`~hubtune.tuning.teachers.teacher_view_key` of the weights identity and
   the data config: what a student pins, and what a cache of the same teacher is keyed by.
@@ -168,21 +170,37 @@ class TeacherDeployment:
         ctx = serve.get_replica_context()
         self.replica = str(ctx.replica_id.unique_id)
         self.max_batch = int(max_batch)
-        self._batched.set_max_batch_size(self.max_batch)
-        self._batched.set_batch_wait_timeout_s(float(batch_wait_s))
+        for batcher in (self._batched, self._batched_features):
+            batcher.set_max_batch_size(self.max_batch)
+            batcher.set_batch_wait_timeout_s(float(batch_wait_s))
+        self.model_identity = hm.identity
+        width = getattr(hm.module, "head_hidden_size", None) or getattr(hm.module, "num_features", None)
+        self.num_features = int(width) if isinstance(width, int) and not isinstance(width, bool) else None
         self._served = 0
         self._exit_after = int(os.environ.get(EXIT_AFTER_ENV) or 0)
 
     def info(self) -> dict:
         """What a student needs to use this teacher: ``identity``, ``data_config`` (build the input adapter
-        from it), ``num_classes``, ``spec``; and ``replica``, ``device``, ``precision``, ``max_batch``."""
+        from it), ``num_classes``, ``num_features`` (the penultimate width; None when the model does not say),
+        ``spec``, ``model_identity`` (the weights identity alone); and ``replica``, ``device``, ``precision``, ``max_batch``."""
         return {"identity": self.identity, "data_config": self.data_config, "num_classes": self.num_classes,
                 "spec": self.spec, "replica": self.replica, "device": str(self.device),
-                "precision": self.precision, "max_batch": self.max_batch}
+                "precision": self.precision, "max_batch": self.max_batch, "model_identity": self.model_identity,
+                "num_features": self.num_features}
 
     async def __call__(self, x) -> dict:
         """``x``: a float32 (n, ...) batch in the teacher's input view (numpy or tensor); returns
         ``{"logits": float32 (n, C) numpy, "identity", "replica"}``."""
+        logits = await self._batched(self._check_batch(x))
+        return {"logits": logits, "identity": self.identity, "replica": self.replica}
+
+    async def features(self, x) -> dict:
+        """As ``__call__``, with the penultimate features: ``{"features": float32 (n, D) numpy, "identity",
+        "replica"}``."""
+        feats = await self._batched_features(self._check_batch(x))
+        return {"features": feats, "identity": self.identity, "replica": self.replica}
+
+    def _check_batch(self, x) -> torch.Tensor:
         if not torch.is_tensor(x):  # arrays from the object store are read-only: torch wants a writable one
             x = np.asarray(x)
             x = torch.from_numpy(x if x.flags.writeable else x.copy())
@@ -194,11 +212,20 @@ class TeacherDeployment:
             raise InputError(f"teacher {self.spec!r} expects inputs of shape {tuple(want)} (its data config) "
                              f"but got {tuple(x.shape[1:])}: adapt the batch to the teacher's input view first "
                              "(hubtune.tuning.models.InputAdapter(student_config, info()['data_config']))")
-        logits = await self._batched(x.to(torch.float32))
-        return {"logits": logits, "identity": self.identity, "replica": self.replica}
+        return x.to(torch.float32)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, xs: list) -> list:
+        return self._forward(xs, self.module)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched_features(self, xs: list) -> list:
+        from ..tuning.models import penultimate_features
+
+        return self._forward(xs, lambda x: penultimate_features(self.module, x))
+
+    def _forward(self, xs: list, fn) -> list:
+        """``fn`` over the requests ``xs``, one forward pass per input shape; one float32 array per request."""
         self._maybe_exit()
         self._served += len(xs)
         out: list = [None] * len(xs)
@@ -208,7 +235,7 @@ class TeacherDeployment:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.precision == "bf16"):
             for idx in groups.values():
-                y = self.module(torch.cat([xs[i] for i in idx]).to(self.device)).float().cpu().numpy()
+                y = fn(torch.cat([xs[i] for i in idx]).to(self.device)).float().cpu().numpy()
                 start = 0
                 for i in idx:
                     n = xs[i].shape[0]
@@ -411,11 +438,16 @@ class RayServeTransport:
     """The :class:`~hubtune.serving.client.Transport` of a teacher served by :func:`serve_teacher`, over
     ``serve.get_app_handle(name)``. ``address``: ``"auto"`` or ``HOST:PORT``; None: the Ray this process has
     joined already, else ``"auto"`` (the cluster of ``RAY_ADDRESS`` or of the local ``ray start``, where
-    ``hubtune serve-teacher`` deploys). A missing service is a :class:`~hubtune.errors.TeacherServiceError`
+    ``hubtune serve-teacher`` deploys). ``output``: ``"logits"`` (the deployment's ``__call__``) or
+    ``"features"`` (its ``features`` method). A missing service is a :class:`~hubtune.errors.TeacherServiceError`
     naming it and listing the running teachers."""
 
-    def __init__(self, name: str, address: str | None = None):
-        self.name = str(name)
+    def __init__(self, name: str, address: str | None = None, output: str = "logits"):
+        from .client import OUTPUTS
+
+        if output not in OUTPUTS:
+            raise InputError(f"output={output!r} is unknown: give one of {', '.join(OUTPUTS)}")
+        self.name, self.output = str(name), output
         self.connection = _connect(address if address is not None or ray.is_initialized() else "auto")
         if self.name not in _status():
             raise _missing(self.name)
@@ -437,7 +469,8 @@ class RayServeTransport:
     def submit(self, x) -> _RayPending:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy() if torch.is_tensor(x) else \
             np.ascontiguousarray(x, dtype=np.float32)
-        return _RayPending(self.handle.remote(arr), self.name)
+        call = self.handle.features if self.output == "features" else self.handle
+        return _RayPending(call.remote(arr), self.name)
 
     def replicas(self) -> int:
         app = _status().get(self.name)

@@ -38,7 +38,8 @@ import torch
 from .._checks import check_count
 from .._io import atomic_path, write_json
 from ..errors import ConfigError, InputError, TeacherCacheError
-from .models import HubModel, InputAdapter, has_data_config, load_model, module_identity, view_of
+from .models import (HubModel, InputAdapter, has_data_config, load_model, module_identity, penultimate_features,
+                     view_of)
 
 __all__ = ["LiveTeacher", "CachedTeacher", "teacher_source", "TeacherCache", "cache_teacher_outputs",
            "IndexedDataset", "teacher_view_key", "teacher_cache_key", "teacher_cache_path", "input_fingerprint",
@@ -346,53 +347,89 @@ SERVE_PREFIX = "serve:"
 
 class ServedTeacherModule(torch.nn.Module):
     """A teacher served by ``hubtune serve-teacher`` (Ray Serve), seen by the methods as a frozen module:
-    ``forward(x)`` (x in the teacher's input view) is one request through a :class:`~hubtune.serving.TeacherClient`;
-    :meth:`pipeline` keeps ``window`` requests in flight ahead of training. It holds no weights: its one buffer
-    is the service's identity (weights hash and preprocessing), so the engine's record of frozen modules, and a
-    resume, tell two different teachers apart."""
+    ``forward(x)`` (x in the teacher's input view) is one request for logits through a
+    :class:`~hubtune.serving.TeacherClient`; :meth:`pipeline` keeps ``window`` requests in flight ahead of
+    training. ``forward_features(x)`` asks the service for the penultimate features instead (a second client, made
+    on first use) and ``forward_head(f, pre_logits=True)`` returns them as they are, so
+    :func:`~hubtune.tuning.models.penultimate_features` works on a served teacher as on a local timm model
+    (B-Tuning's projections, SSLD's deduplication). It holds no weights: its one buffer is the service's
+    identity (weights hash and preprocessing), so the engine's record of frozen modules, and a resume, tell two
+    different teachers apart."""
 
     def __init__(self, name: str, address=None, *, window: int = 4, timeout: float = 30.0, retries: int = 3,
                  on_stall: str = "fail"):
         super().__init__()
-        from ..serving import TeacherClient
         from ..serving.deployment import RayServeTransport
 
         transport = RayServeTransport(name, address)
         info = transport.info()
-        self.service, self.info = name, info
+        self.service, self.address, self.info = name, address, info
         self.pretrained_cfg = dict(info.get("data_config") or {})
         self.num_classes = info.get("num_classes")
+        if info.get("num_features"):
+            self.num_features = int(info["num_features"])  # what B-Tuning sizes its projections by
         self.register_buffer("identity_bytes", torch.tensor(list(info["identity"].encode()), dtype=torch.uint8))
-        local = None
+        self._local = None  # not an nn.Module attribute: the local copy is no part of this module's state
         if on_stall == "local":  # the same teacher, loaded here for the batches no replica answers
             hm, _ = load_teacher(info["spec"], "teacher")
-            module = hm.module.eval().requires_grad_(False)
-            local = _Local(module, info["identity"])
-        self.client = TeacherClient(transport, window=window, timeout=timeout, retries=retries,
-                                    on_stall=on_stall, local=local, identity=info["identity"])
+            self._local = _Local(hm.module.eval().requires_grad_(False), info["identity"])
+        self._client_args = {"window": window, "timeout": timeout, "retries": retries, "on_stall": on_stall}
+        self.client = self._client(transport, "logits")
+        self._features_client = None
+
+    def _client(self, transport, output: str):
+        from ..serving import TeacherClient
+
+        local = self._local
+        if local is not None and output == "features":
+            local = _Local(lambda x: penultimate_features(self._local.fn, x), self.info["identity"])
+        return TeacherClient(transport, local=local, identity=self.info["identity"], output=output,
+                             **self._client_args)
+
+    @property
+    def features_client(self):
+        """The client that asks the service for penultimate features (made on first use)."""
+        if self._features_client is None:
+            from ..serving.deployment import RayServeTransport
+
+            self._features_client = self._client(RayServeTransport(self.service, self.address, output="features"),
+                                                 "features")
+        return self._features_client
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.client(x.detach().float().cpu()).to(x.device)
 
-    def pipeline(self, batches, adapter=None):
-        """The batches with ``batch["teacher_logits"]`` set, requested ``window`` batches ahead, in order."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The served teacher's penultimate features ``(n, D)`` (what ``hubtune rank`` extracts)."""
+        return self.features_client(x.detach().float().cpu()).to(x.device)
+
+    def forward_head(self, f: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not pre_logits:
+            raise ConfigError(f"served teacher {self.service!r}: its head runs in the service; ask for logits "
+                              "with forward(x), or for features with forward_features(x)")
+        return f
+
+    def pipeline(self, batches, adapter=None, output: str = "logits", key: str = "teacher_logits"):
+        """The batches with ``batch[key]`` set to the teacher's ``output`` (``"logits"`` or ``"features"``),
+        requested ``window`` batches ahead, in order."""
         def view(b):
             x = b["input"]
             with torch.no_grad():
                 return (adapter(x) if adapter is not None else x).float()
 
-        for batch, logits in self.client.pipeline(batches, inputs=view):
-            batch["teacher_logits"] = logits
+        client = self.client if output == "logits" else self.features_client
+        for batch, out in client.pipeline(batches, inputs=view):
+            batch[key] = out
             yield batch
 
 
 class _Local:
-    def __init__(self, module, identity):
-        self.module, self.identity = module, identity
+    def __init__(self, fn, identity):
+        self.fn, self.identity = fn, identity
 
     def __call__(self, x):
         with torch.no_grad():
-            return self.module(x)
+            return self.fn(x)
 
 
 def served_teacher(spec: str, **client_kwargs) -> HubModel:

@@ -34,6 +34,13 @@ Choices the paper leaves open, each a parameter or documented here:
   verified per batch exactly as KD's teacher cache is. The method then keeps no teacher module at all (only that
   identity), so nothing is moved to the GPU or checkpointed; otherwise :meth:`BTuning.frozen_modules` names the
   ensemble, which the engine leaves out of ``checkpoint.pt``.
+* **Served teachers.** ``teachers`` may name services deployed by ``hubtune serve-teacher`` (``serve:NAME``,
+  a list, or one string ``"serve:A,serve:B"``; ``--teacher serve:A,serve:B`` on the command line). With a
+  ranking, each service's model (the spec it reports) must be one of the ranked models, whose LogME weights and
+  score it gets; ``top_k`` is then not used. The services answer penultimate features (their ``features``
+  endpoint), and when every teacher is served :meth:`BTuning.batches` requests them ``serve_window`` batches
+  ahead of training, as ``kd`` does with logits; each answer carries the teacher's identity, pinned for the run.
+  ``cache_teacher`` is refused with services (cache the local teachers instead: ``hubtune cache-teacher``).
 * **The ranking's dataset is checked.** :meth:`BTuning.from_ranking` compares the ranking's ``dataset_info``
   with the dataset being tuned (``dataset=``) and refuses another dataset or another number of classes (the
   LogME weights would project onto another task's labels), naming both and the cure
@@ -57,7 +64,7 @@ from ...errors import ConfigError
 from ..method import MethodContext, MultiModelMethod, Setting, register_method
 from ..models import (HubModel, InputAdapter, check_ranking_dataset, load_models, module_identity,
                       penultimate_features, ranking_top, view_of)
-from ..teachers import teacher_source
+from ..teachers import SERVE_PREFIX, ServedTeacherModule, served_teacher, teacher_source
 
 
 def projection_matrix(weights, columns, num_classes: int, width: int, name: str) -> torch.Tensor:
@@ -118,10 +125,21 @@ class TeacherEnsemble(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix([penultimate_features(t, a(x)) for t, a in zip(self.teachers, self.adapters)])
+
+    @torch.no_grad()
+    def mix(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``sum_k pi_k m_k f_k`` from the teachers' features ``f_k`` (one ``(B, D_k)`` tensor each), on their
+        device."""
         out = 0.0
-        for i, (t, a) in enumerate(zip(self.teachers, self.adapters)):
-            out = out + self.pi[i] * (penultimate_features(t, a(x)).float() @ getattr(self, f"proj{i}").T)
+        for i, f in enumerate(features):
+            f = f.float()
+            out = out + self.pi[i].to(f.device) * (f @ getattr(self, f"proj{i}").to(f.device).T)
         return out
+
+    def served(self) -> bool:
+        """Every teacher is a service (``serve:NAME``)."""
+        return all(isinstance(t, ServedTeacherModule) for t in self.teachers)
 
 
 @register_method("btuning")
@@ -151,6 +169,11 @@ class BTuning(MultiModelMethod):
         "logme_scores": Setting(None, "without a ranking (Python API): the teachers' LogME scores"),
         "student_weights": Setting(None, "the student's LogME weights (default: from the ranking, else fitted)"),
         "pretrained": Setting(True, "load a spec student's pretrained weights", bool),
+        "serve_window": Setting(4, "serve:NAME teachers: requests kept in flight ahead of training", int),
+        "serve_timeout": Setting(30.0, "serve:NAME teachers: seconds without an answer before a request stalls",
+                                 float),
+        "serve_on_stall": Setting("fail", "serve:NAME teachers: when no replica answers: fail, wait, or local "
+                                          "(compute with the teacher loaded here)", str),
     }
 
     @classmethod
@@ -158,15 +181,18 @@ class BTuning(MultiModelMethod):
         """From the ranking (``ctx.ranking``, top ``ctx.top_k`` teachers; ``ctx.model`` names the student), or from
         ``teachers=`` with ``teacher_weights`` and ``logme_scores`` (Python API)."""
         s = dict(ctx.settings)
-        teachers = ctx.teachers.get("teachers")
+        teachers = served_specs(ctx.teachers.get("teachers"))
         if ctx.ranking is not None:
-            if teachers is not None:
-                raise ConfigError("method 'btuning' takes its teachers from ranking= (top_k=), not teacher=")
+            if teachers is not None and not all(isinstance(t, str) and t.startswith(SERVE_PREFIX)
+                                                for t in teachers):
+                raise ConfigError(f"method 'btuning' with ranking= takes its teachers from the ranking (top_k=), or "
+                                  f"from services of ranked models (teacher='serve:A,serve:B'); got "
+                                  f"teacher={ctx.teachers.get('teachers')!r}")
             for k in ("teacher_weights", "logme_scores"):
                 if s.pop(k) is not None:
                     raise ConfigError(f"btuning: {k}= comes from the ranking; drop it, or drop ranking=")
             m = cls.from_ranking(ctx.ranking, int(ctx.top_k or 2), ctx.num_classes, student=ctx.model,
-                                 dataset=ctx.dataset, **s)
+                                 dataset=ctx.dataset, served=teachers, **s)
         else:
             if teachers is None or s.get("teacher_weights") is None or s.get("logme_scores") is None:
                 raise ConfigError("method 'btuning' takes its teachers and their LogME weights from a ranking: pass "
@@ -181,7 +207,8 @@ class BTuning(MultiModelMethod):
     def __init__(self, student, teachers, num_classes: int, *, teacher_weights, logme_scores,
                  student_weights=None, temperature: float = 0.1, trade_off: float = 100.0,
                  head_lr_mult: float = 10.0, cache_teacher: bool = False, cache_dir=None, cache_path=None,
-                 verify_cache: bool = True, pretrained: bool = True):
+                 verify_cache: bool = True, pretrained: bool = True, serve_window: int = 4,
+                 serve_timeout: float = 30.0, serve_on_stall: str = "fail"):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ConfigError(f"BTuning num_classes={num_classes!r} is invalid: give a whole number >= 1")
@@ -190,9 +217,22 @@ class BTuning(MultiModelMethod):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (strict and v == 0):
                 raise ConfigError(f"BTuning {nm}={v!r} is invalid: give a finite number {'> 0' if strict else '>= 0'}")
         (stu,) = load_models([student], pretrained=pretrained, role="student")
-        tea = load_models(teachers, role="teachers")
         if not hasattr(stu.module, "reset_classifier"):
             raise ConfigError(f"BTuning needs a timm student (reset_classifier), got {type(stu.module).__name__}")
+        # the new head is drawn before the teachers load, so the student starts the same whatever the teachers
+        # are (local models, whose construction draws from the RNG, or services, which do not)
+        stu.module.reset_classifier(num_classes)
+        teachers = served_specs(teachers)
+        if isinstance(teachers, (list, tuple)) and any(isinstance(t, str) and t.startswith(SERVE_PREFIX)
+                                                       for t in teachers):
+            if cache_teacher or cache_path is not None:
+                raise ConfigError("btuning: cache_teacher/cache_path cannot be combined with served teachers "
+                                  "(serve:NAME): cache the local teachers (`hubtune cache-teacher --ranking`) or "
+                                  "drop the cache")
+            serve = {"window": serve_window, "timeout": serve_timeout, "on_stall": serve_on_stall}
+            teachers = [served_teacher(t, **serve) if isinstance(t, str) and t.startswith(SERVE_PREFIX) else t
+                        for t in teachers]
+        tea = load_models(teachers, role="teachers")
         if any(t.module is stu.module for t in tea):
             raise ConfigError("BTuning got the same module as student and teacher; pass a copy (copy.deepcopy) "
                               "or a spec, which is loaded afresh")
@@ -212,7 +252,6 @@ class BTuning(MultiModelMethod):
         self.ensemble = TeacherEnsemble(tea, projections, mixture_weights(scores, self.temperature),
                                         self.data_config)
         self.student = stu.module
-        self.student.reset_classifier(num_classes)
         self.student.train()
         self.register_buffer("student_proj", torch.zeros(0))
         if student_weights is not None:
@@ -234,16 +273,25 @@ class BTuning(MultiModelMethod):
     @classmethod
     def from_ranking(cls, ranking, top_k: int, num_classes: int, *, student=None,
                      max_student_params: int | None = None, models=None, dataset=None,
-                     allow_foreign_ranking: bool = False, **kwargs) -> "BTuning":
+                     allow_foreign_ranking: bool = False, served=None, **kwargs) -> "BTuning":
         """Teachers: the top ``top_k`` of ``ranking`` (a ``hubtune rank --out`` folder or a Ranking) with their
         LogME weights and scores. Student: ``student`` (a spec; its weights come from the ranking when it was
         ranked, else :meth:`fit_projection` must run before training), or the best-ranked candidate with at
         most ``max_student_params`` parameters, or the top-1. ``models``: Candidates already loaded (the ones
         given to :func:`hubtune.rank`, data configs included), used instead of loading the specs again; the
         student is a copy. ``dataset``: the training set (an ImageDataset, or its fingerprint): a ranking made
-        on another dataset is refused unless ``allow_foreign_ranking`` (see the module docstring)."""
-        rk, specs = ranking_top(ranking, top_k, "btuning", need_weights=True)
+        on another dataset is refused unless ``allow_foreign_ranking`` (see the module docstring). ``served``:
+        teacher services (``serve:NAME`` specs) of ranked models, used as the teachers instead of the top
+        ``top_k`` (see the module docstring)."""
+        rk, specs = ranking_top(ranking, top_k, "btuning", need_weights=not served)
         check_ranking_dataset(ranking, dataset, "btuning", allow_foreign=bool(allow_foreign_ranking))
+        if served:
+            serve = {k[len("serve_"):]: kwargs[k] for k in ("serve_window", "serve_timeout", "serve_on_stall")
+                     if k in kwargs}
+            teachers = [served_teacher(t, **serve) for t in served_specs(served)]
+            specs = [ranked_spec_of(t, rk) for t in teachers]
+        else:
+            teachers = None
         by_spec = {c.spec: c for c in rk.candidates}
         metric = "logme" if "logme" in rk.metrics else rk.metrics[0]
         if student is None:
@@ -259,7 +307,8 @@ class BTuning(MultiModelMethod):
         if isinstance(student, str) and student in by_spec and sw is None:
             raise ConfigError(f"btuning: the ranking has no LogME weights for the student {student}")
         loaded = {m.spec: m for m in (models or [])}
-        teachers = [loaded.get(s, s) for s in specs]
+        if teachers is None:
+            teachers = [loaded.get(s, s) for s in specs]
         if isinstance(student, str) and student in loaded:
             c = loaded[student]
             student = HubModel(copy.deepcopy(c.module), dict(c.data_config), c.spec, c.identity, c.num_params)
@@ -316,6 +365,23 @@ class BTuning(MultiModelMethod):
         it out of ``checkpoint.pt``. Empty with ``cache_teacher=True``: no teacher module is held."""
         return {} if self.ensemble is None else {"ensemble": self.ensemble}
 
+    def batches(self, batches):
+        """With every teacher served, the teachers' features for the next ``serve_window`` batches are requested
+        (from every service at once) while the student trains on this one, and ``p(x)`` is mixed from them;
+        otherwise the batches as they come."""
+        if self.ensemble is None or not self.ensemble.served():
+            return batches
+        keys = [f"teacher_features{i}" for i in range(len(self.ensemble.teachers))]
+        for t, a, key in zip(self.ensemble.teachers, self.ensemble.adapters, keys):
+            batches = t.pipeline(batches, adapter=a, output="features", key=key)
+
+        def mixed(batches):
+            for batch in batches:
+                batch["teacher_logits"] = self.ensemble.mix([batch.pop(k) for k in keys])
+                yield batch
+
+        return mixed(batches)
+
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         """Remember the epoch (the cache row of augmented runs); a run longer than the cache fails here."""
         self.teacher_source.on_epoch_start(epoch, total_epochs)
@@ -358,6 +424,39 @@ class BTuning(MultiModelMethod):
                 "temperature": self.temperature, "trade_off": self.trade_off, "head_lr_mult": self.head_lr_mult,
                 "cache_path": str(self.cache_path) if self.cache_path is not None else None,
                 "teacher_identity": self.teacher_identity}
+
+
+def served_specs(teachers):
+    """``"serve:A,serve:B"`` -> ``["serve:A", "serve:B"]`` (a service name holds no comma); anything else as is."""
+    if isinstance(teachers, str) and teachers.startswith(SERVE_PREFIX) and "," in teachers:
+        return [t.strip() for t in teachers.split(",") if t.strip()]
+    if isinstance(teachers, str) and teachers.startswith(SERVE_PREFIX):
+        return [teachers]
+    return teachers
+
+
+def ranked_spec_of(teacher: HubModel, ranking) -> str:
+    """The ranked spec a served teacher serves (the spec its service reports, resolved as the ranking resolves
+    them); a :class:`ConfigError` naming the ranked models when it is none of them, or when the ranking holds no
+    LogME weights for it."""
+    from ...hub import ModelSpec
+
+    def resolved(spec):
+        try:
+            return str(ModelSpec.parse(spec).resolved())
+        except Exception:  # noqa: BLE001 - a spec this hubtune cannot parse matches nothing
+            return str(spec)
+
+    served = resolved(teacher.module.info.get("spec"))
+    for c in ranking.candidates:
+        if resolved(c.spec) == served:
+            if c.spec not in ranking.weights:
+                raise ConfigError(f"btuning: the ranking has no LogME posterior weights for {c.spec}, which "
+                                  f"{teacher.name} serves; re-run `hubtune rank --out DIR` with the logme metric")
+            return c.spec
+    raise ConfigError(f"btuning: teacher {teacher.name} serves {served}, which the ranking did not rank (ranked: "
+                      f"{', '.join(c.spec for c in ranking.candidates)}); serve a ranked model, or rank this one "
+                      "too")
 
 
 def _width(module: torch.nn.Module, data_config: dict) -> int:
