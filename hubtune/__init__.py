@@ -7,7 +7,8 @@ from .scoring import create_estimator, hscore, leep, list_estimators, logme, nce
 
 _LAZY = {"load_candidate": "hub", "ModelSpec": "hub", "create_dataset": "data", "ExtractOptions": "features",
          "tune": "tuning.api", "make_transferable": "tuning.api", "create_method": "tuning.method",
-         "list_methods": "tuning.method", "serve_teacher": "serving.deployment"}
+         "list_methods": "tuning.method", "serve_teacher": "serving.deployment", "ssld": "recipes.ssld",
+         "autodistill": "search.api"}
 
 
 def __getattr__(name):  # torch and timm load only when the hub, data or extraction API is used
@@ -20,5 +21,5 @@ def __getattr__(name):  # torch and timm load only when the hub, data or extract
 
 __all__ = ["errors", "rank", "Ranking", "create_estimator", "list_estimators", "logme", "leep", "nce", "hscore",
            "load_candidate", "ModelSpec", "create_dataset", "ExtractOptions", "tune", "make_transferable",
-           "create_method", "list_methods", "serve_teacher",
+           "create_method", "list_methods", "serve_teacher", "ssld", "autodistill",
            "__version__"]

@@ -537,3 +537,35 @@ def _pick_key(path: Path, keys: list[str], key: str | None, default_keys) -> str
     if len(keys) == 1:
         return keys[0]
     raise InputError(f"{path} holds several arrays ({', '.join(keys)}); name one with --features-key/--labels-key")
+
+
+def read_settings(config, allowed, what: str, allowed_text: str | None = None) -> dict:
+    """``None``, a dict, or a path to a YAML (or JSON) file of ``what`` settings -> a dict whose keys (``-`` read as
+    ``_``) are all in ``allowed``; anything else is a :class:`~hubtune.errors.ConfigError` naming the file and the
+    unknown keys (and ``allowed_text``, default: the allowed keys). ``hubtune tune --config`` and ``hubtune
+    autodistill --config`` read their files with it."""
+    from .errors import ConfigError
+
+    if config is None:
+        return {}
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file of {what} settings")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        where = str(path)
+    else:
+        data, where = config, "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: "
+                          f"{allowed_text or ', '.join(allowed)}")
+    return data

@@ -267,6 +267,44 @@ def test_btuning_from_served_teachers_equals_btuning_from_local_ones(served, loc
         stop_teacher("tiny-b")
 
 
+def test_ssld_from_a_served_teacher_equals_ssld_from_the_local_one(served, local_teacher, tmp_path):
+    """hubtune.ssld(teacher="serve:NAME"): pool scores (logits) and the dedup embedding (features) come from the
+    service, the distillation from it, pipelined; the stages' files and the final model equal a local run's."""
+    from PIL import Image
+
+    import hubtune
+    from hubtune.data import create_dataset
+
+    spec, hm, _ = local_teacher
+    student = tmp_path / "student"
+    from conftest import tiny_timm
+
+    from hubtune.tuning import save_timm_folder
+
+    save_timm_folder(tiny_timm(seed=3), student)
+    ds = create_dataset("digits", "train")
+    (tmp_path / "pool").mkdir()
+    for i in range(40):
+        Image.fromarray(np.asarray(ds.image(300 + i))).save(tmp_path / "pool" / f"{i:03d}.png")
+
+    def run(teacher, out):
+        return hubtune.ssld(teacher=teacher, student=f"local-dir:{student}", dataset="digits", max_samples=40,
+                            unlabeled=f"images:{tmp_path / 'pool'}", per_class=2, distill_epochs=1,
+                            finetune_epochs=1, batch_size=16, lr=0.01, augment=False, out=out)
+
+    run(f"serve:{NAME}", tmp_path / "s")
+    run(spec, tmp_path / "l")
+    sel = [json.loads((d / "selection" / "selection.json").read_text()) for d in (tmp_path / "s", tmp_path / "l")]
+    assert sel[0]["entries"] == sel[1]["entries"] and sel[0]["counts"] == sel[1]["counts"]
+    dd = [json.loads((d / "dedup" / "report.json").read_text()) for d in (tmp_path / "s", tmp_path / "l")]
+    assert [r["pool_index"] for r in dd[0]["removed"]] == [r["pool_index"] for r in dd[1]["removed"]]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "s", tmp_path / "l"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_kd_survives_a_replica_death_mid_epoch(served, local_teacher, tmp_path):
     """Two replicas, one exits after 2 requests: the epoch completes, every batch got its teacher output once,
     in order, equal to the local teacher's."""

@@ -10,10 +10,10 @@ import warnings
 
 from .. import __version__
 from ..errors import HubtuneError
-from . import cache, cache_teacher, hub, rank, score, serve_teacher, tune
+from . import autodistill, cache, cache_teacher, hub, rank, score, serve_teacher, ssld, tune
 
 #: the subcommands, in the order ``--help`` lists them
-SUBCOMMANDS = (score, rank, hub, tune, cache_teacher, serve_teacher, cache)
+SUBCOMMANDS = (score, rank, hub, tune, cache_teacher, serve_teacher, cache, ssld, autodistill)
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from ..errors import InputError
 # CLI option -> tune() setting; every one may also be set in --config FILE.yaml (the command line wins).
 TUNE_OPTIONS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
                 "num_classes", "epochs", "batch_size", "lr", "max_samples", "data_dir", "out", "resume",
-                "overwrite", "device", "precision", "optimizer", "seed")
+                "overwrite", "device", "precision", "optimizer", "seed", "task")
 # CLI option -> hubtune.data.augment.AugmentConfig option
 AUGMENT_OPTIONS = {"auto_augment": "auto_augment", "mixup": "mixup", "cutmix": "cutmix",
                    "smoothing": "label_smoothing"}
@@ -99,7 +99,8 @@ def _cmd_tune(args) -> int:
     if not args.quiet:
         print(f"tuned {report.get('model')} with {report['method']} for {len(report.get('history', []))} epochs: {shown}")
     if not args.quiet:
-        print(f"wrote {cfg['out']}/model.safetensors, config.json, report.json, metrics.jsonl, checkpoint.pt")
+        panel = ", target_panel.png" if report.get("panel") else ""
+        print(f"wrote {cfg['out']}/model.safetensors, config.json, report.json, metrics.jsonl, checkpoint.pt{panel}")
     return 0
 
 
@@ -122,6 +123,11 @@ def add_parser(sub, lazy: bool = False) -> None:
                     "hubtune/tuning/methods/, a module named in HUBTUNE_PLUGINS, or a 'hubtune.methods' entry point.",
                     118))
     tu.add_argument("--method", help=f"one of: {', '.join(methods)}")
+    tu.add_argument("--task", choices=("classification", "segmentation"),
+                    help="default: the method's. segmentation: --dataset/--target-dataset are segmentation datasets "
+                         "(synth2d-source, synth2d-target, segfolder:PATH with images/ and masks/), --model a "
+                         "network (basicunet, dynunet, local-dir:PATH), evaluation by Dice and HD95; "
+                         "'--method finetune' means seg-finetune")
     tu.add_argument("--model", help="model spec (e.g. resnet18, local-dir:PATH, hf-hub:ORG/NAME)")
     tu.add_argument("--models", action="append", metavar="A,B,...",
                     help="zootuning/hubpathway: the models, comma-separated (instead of --ranking)")
@@ -132,9 +138,10 @@ def add_parser(sub, lazy: bool = False) -> None:
                                       "serve:NAME, a teacher served by `hubtune serve-teacher`; with "
                                       "--ranking and no --teacher, the ranking's top-1 is fine-tuned into OUT/teacher "
                                       "first (reused when complete) and the student is --model or the best-ranked "
-                                      "other model (within --method-arg max_student_params=N)")
+                                      "other model (within --method-arg max_student_params=N). btuning with "
+                                      "--ranking: serve:A,serve:B, services of ranked models, as the teachers")
     tu.add_argument("--dataset", help="registered dataset name or imagefolder:PATH (train split trains)")
-    tu.add_argument("--target-dataset", help="dann/cdan: the target domain's dataset")
+    tu.add_argument("--target-dataset", help="dann/cdan/seg-adversarial: the target domain's dataset")
     tu.add_argument("--eval-dataset", help="evaluate on this dataset's test split instead (an image folder: the whole "
                                            "folder; without it an --dataset image folder holds out a seeded "
                                            "stratified 20%% for evaluation)")

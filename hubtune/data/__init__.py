@@ -64,3 +64,7 @@ __all__ = [
 from .augment import AugmentConfig, AugmentedDataset, BatchMixer, train_transform_for  # noqa: E402
 
 __all__ += ["AugmentConfig", "AugmentedDataset", "BatchMixer", "train_transform_for"]
+
+from .pool import UnlabeledPool, create_pool  # noqa: E402
+
+__all__ += ["UnlabeledPool", "create_pool"]

@@ -33,8 +33,9 @@ are not restarted). At 0 replicas requests queue until a replica is back; the st
 (``on_stall``) decides what they do meanwhile.
 
 Test hook (tests only; do not set it in production): ``HUBTUNE_TEST_SERVE_EXIT_AFTER=N`` in a replica's
-environment makes it ``os._exit(1)`` when a request arrives after it has answered ``N`` requests (that request is
-lost with it, as in a real crash). With ``HUBTUNE_TEST_SERVE_EXIT_ONCE=PATH`` also set, only the first replica
+environment makes it ``os._exit(1)`` when a batch of requests arrives that would take it past ``N`` answered
+requests (those requests are lost with it, as in a real crash; counted per request, not per merged batch, so a
+replica answers at most ``N`` whatever the batching). With ``HUBTUNE_TEST_SERVE_EXIT_ONCE=PATH`` also set, only the first replica
 to get there (the one that creates ``PATH``) exits, so a test can kill one replica of two. Set them for a
 deployment with ``serve_teacher(..., env={...})`` (Serve's ``ray_actor_options["runtime_env"]["env_vars"]``).
 """
@@ -226,7 +227,7 @@ class TeacherDeployment:
 
     def _forward(self, xs: list, fn) -> list:
         """``fn`` over the requests ``xs``, one forward pass per input shape; one float32 array per request."""
-        self._maybe_exit()
+        self._maybe_exit(len(xs))
         self._served += len(xs)
         out: list = [None] * len(xs)
         groups: dict = {}
@@ -242,9 +243,10 @@ class TeacherDeployment:
                     out[i], start = np.ascontiguousarray(y[start:start + n], dtype=np.float32), start + n
         return out
 
-    def _maybe_exit(self) -> None:
-        """The test hook (module docstring): die like a crashed replica once ``N`` requests were answered."""
-        if not self._exit_after or self._served < self._exit_after:
+    def _maybe_exit(self, arriving: int) -> None:
+        """The test hook (module docstring): die like a crashed replica when the ``arriving`` requests would take
+        it past ``N`` answered ones."""
+        if not self._exit_after or self._served + arriving <= self._exit_after:
             return
         marker = os.environ.get(EXIT_ONCE_ENV)
         if marker:

@@ -47,15 +47,17 @@ import numpy as np
 import torch
 
 from .._checks import check_count
+from .._io import read_settings
 from ..errors import ConfigError, OutputError, TooFewClassesError
 from .engine import Engine, TrainConfig, prepare_out_dir
 from .method import METHODS, Method, MethodContext, create_method, seed_everything
 
-__all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "TUNE_KEYS", "EVAL_FRACTION",
+__all__ = ["tune", "make_transferable", "load_tune_config", "TransformedDataset", "TUNE_KEYS", "EVAL_FRACTION", "TASKS",
            "model_and_transform", "train_dataset", "eval_dataset_for", "augment_config", "seed_everything"]
 
 TUNE_KEYS = ("method", "model", "ranking", "top_k", "teacher", "dataset", "target_dataset", "eval_dataset",
-             "num_classes", "max_samples", "data_dir", "out", "resume", "overwrite", "augment", "method_args")
+             "num_classes", "max_samples", "data_dir", "out", "resume", "overwrite", "augment", "method_args", "task")
+TASKS = ("classification", "segmentation")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 #: the share of an image folder held out (stratified, seeded) for evaluation when it has no test split
 EVAL_FRACTION = 0.2
@@ -82,29 +84,10 @@ class TransformedDataset(torch.utils.data.Dataset):
 
 def load_tune_config(config) -> dict:
     """``None``, a dict, or a path to a YAML (or JSON) file -> a dict, its keys checked (see the module doc)."""
-    if config is None:
-        return {}
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file of tune settings")
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        where = str(path)
-    else:
-        data, where = config, "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of settings, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(TRAIN_KEYS) - set(TUNE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: training "
-                          f"{', '.join(TRAIN_KEYS)}; tune {', '.join(TUNE_KEYS)} (method_args: a mapping "
-                          "of the method's own arguments)")
+    data = read_settings(config, TRAIN_KEYS + TUNE_KEYS, "tune",
+                         f"training {', '.join(TRAIN_KEYS)}; tune {', '.join(TUNE_KEYS)} (method_args: a mapping of "
+                         "the method's own arguments)")
+    where = str(config) if isinstance(config, (str, Path)) else "config"
     if data.get("method_args") is not None and not isinstance(data["method_args"], dict):
         raise ConfigError(f"{where}: method_args must be a mapping, got {type(data['method_args']).__name__}")
     return data
@@ -257,7 +240,7 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
          overwrite: bool | None = None, max_samples: int | None = None, data_dir=None,
          batch_size: int | None = None, lr: float | None = None, device: str | None = None,
          precision: str | None = None, seed: int | None = None, augment=None, train: dict | None = None,
-         **method_kwargs) -> dict:
+         task: str | None = None, **method_kwargs) -> dict:
     """Tune a model with a registered method and return the Engine's report (also ``OUT/report.json``).
 
     The model is ``model`` (a spec or a timm model; a list for a method of several models) or, with ``ranking``
@@ -270,12 +253,19 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     Output: ``out`` must not hold a run unless ``resume`` (continue it) or ``overwrite`` (replace hubtune's files
     in it); it is checked to be writable before any model is loaded. Settings: TrainConfig defaults <-
     ``config`` <- ``train`` (a dict of TrainConfig fields) <- the explicit arguments; ``method_kwargs`` (over
-    ``config["method_args"]``) are the method's settings."""
+    ``config["method_args"]``) are the method's settings.
+
+    ``task="segmentation"`` (or a segmentation method such as ``seg-adversarial``; ``finetune`` then means
+    ``seg-finetune``): the datasets are segmentation datasets (:func:`hubtune.data.segmentation.create_seg_dataset`:
+    ``synth2d-source``, ``segfolder:PATH``, a torch Dataset of (image, mask) pairs), the model a segmentation
+    network (``basicunet``, ``dynunet``, ``local-dir:PATH``, a module), evaluation is Dice (``eval_dice``) and
+    HD95, and a 2D run writes ``target_panel.png`` (predictions on the evaluation images before and after
+    training); see :func:`_tune_segmentation`."""
     cfg = load_tune_config(config)
     explicit = {"method": method, "model": model, "ranking": ranking, "top_k": top_k, "teacher": teacher,
                 "dataset": dataset, "target_dataset": target_dataset, "eval_dataset": eval_dataset,
                 "num_classes": num_classes, "max_samples": max_samples, "data_dir": data_dir, "out": out,
-                "resume": resume, "overwrite": overwrite, "augment": augment}
+                "resume": resume, "overwrite": overwrite, "augment": augment, "task": task}
     s = {k: cfg.get(k) for k in TUNE_KEYS}
     s.update({k: v for k, v in explicit.items() if v is not None})
     if model is not None and ranking is None:  # an explicit choice of model replaces the config's
@@ -286,7 +276,16 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
     margs.update(method_kwargs)
     if not s["method"]:
         raise ConfigError(f"no method given; choose one of: {', '.join(METHODS.names())}")
+    if s["task"] is not None and s["task"] not in TASKS:
+        raise ConfigError(f"task={s['task']!r} is invalid: choose one of {', '.join(TASKS)}")
+    if s["task"] not in (None, "classification") and s["method"] == "finetune":
+        s["method"] = _task_finetune(s["task"])
     cls = METHODS.get(s["method"])
+    method_task = cls.task
+    if s["task"] is not None and s["task"] != method_task:
+        raise ConfigError(f"method {s['method']!r} is a {method_task} method but task={s['task']!r}; choose a "
+                          f"{s['task']} method or drop task=")
+    s["task"] = method_task
     tcfg = dict(cls.train_defaults)
     tcfg.update({k: cfg[k] for k in TRAIN_KEYS if k in cfg})
     tcfg.update(train or {})
@@ -311,6 +310,17 @@ def tune(method: str | None = None, *, model=None, ranking=None, top_k: int | No
         tcfg["resume"] = bool(s["resume"])
     if s["overwrite"] is not None:
         tcfg["overwrite"] = bool(s["overwrite"])
+    if s["task"] == "segmentation":
+        if s["augment"] not in (None, False):
+            raise ConfigError("augmentation (augment=, --auto-augment, --mixup, ...) is for classification; a "
+                              "segmentation run trains on the images as they are: drop it")
+        if s["ranking"] is not None or s["teacher"] is not None:
+            raise ConfigError("a segmentation method takes its network from model= (basicunet, dynunet, "
+                              "local-dir:PATH); drop ranking= / teacher=")
+        train_config = TrainConfig(**tcfg)
+        if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
+            prepare_out_dir(train_config.out_dir, resume=train_config.resume, overwrite=train_config.overwrite)
+        return _tune_segmentation(s, cls, settings, train_config, paired)
     aug = augment_config(s["augment"])
     train_config = TrainConfig(**tcfg)
     if train_config.out_dir and int(os.environ.get("RANK", "0")) == 0:
@@ -420,3 +430,160 @@ def _tune_teacher(s: dict, source_spec: str, train_config: TrainConfig, aug) -> 
         return f"local-dir:{tdir}"
     finally:
         seed_everything(train_config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+def _task_finetune(task: str) -> str:
+    """The registered method that ``method="finetune"`` means for ``task``: the one whose class says
+    ``task = TASK`` and ``finetunes_task = True``."""
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if cls.task == task and cls.finetunes_task:
+            return name
+    raise ConfigError(f"no registered method fine-tunes for task={task!r}; choose a method with --method")
+
+
+#: how many evaluation images the 2D panel shows
+PANEL_IMAGES = 4
+
+
+def _seg_subset(ds, max_samples, seed: int):
+    """A seeded random ``max_samples`` of ``ds`` (all of it when None or larger), in index order."""
+    if not max_samples or max_samples >= len(ds):
+        return ds
+    idx = np.sort(np.random.RandomState(seed).permutation(len(ds))[:max_samples])
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+def _seg_check_pair(a, b, what_a: str, what_b: str) -> None:
+    for attr in ("spatial_dims", "in_channels"):
+        if getattr(a, attr) != getattr(b, attr):
+            raise ConfigError(f"{what_a} has {attr}={getattr(a, attr)} but {what_b} has {getattr(b, attr)}; both "
+                              "domains must be images of the same kind")
+
+
+def _tune_segmentation(s: dict, cls, settings: dict, train_config: TrainConfig, paired: bool) -> dict:
+    """The segmentation branch of :func:`tune`. Training: ``dataset``'s train split (``max_samples``: a seeded
+    random subset); paired methods add ``target_dataset``'s train split as unlabelled target images (its masks
+    are read in training only for the first N images when the method's ``target_labeled=N``, in the order of
+    the seeded subset). Evaluation: ``eval_dataset``'s test split, else the target's (paired) or the dataset's
+    test split. Classes: ``num_classes``, else the evaluation set's; the source's labels reach them through the
+    method's ``class_map``. Volumes with ``roi_size``: training crops of that side. A 2D run with an output
+    folder writes ``target_panel.png``: evaluation images, their masks and the predictions before and after
+    training (needs matplotlib, ``hubtune[plot]``)."""
+    from ..data.segmentation import RandomPatches, create_seg_dataset
+
+    seed = train_config.seed
+    src = create_seg_dataset(s["dataset"], "train", s["data_dir"])
+    tgt = create_seg_dataset(s["target_dataset"], "train", s["data_dir"]) if paired else None
+    ev_spec = s["eval_dataset"] or (s["target_dataset"] if paired else s["dataset"])
+    ev = create_seg_dataset(ev_spec, "test", s["data_dir"])
+    if not src.has_masks:
+        raise ConfigError(f"training set {str(s['dataset'])!r} has no masks; a segmentation method needs labelled "
+                          "source images (images/ and masks/)")
+    if tgt is not None:
+        _seg_check_pair(src, tgt, f"source {s['dataset']!r}", f"target {s['target_dataset']!r}")
+    _seg_check_pair(src, ev, f"training set {s['dataset']!r}", f"evaluation set {ev_spec!r}")
+    n_classes = int(s["num_classes"] or (ev.num_classes if ev.has_masks else src.num_classes))
+    ctx = MethodContext(method=s["method"], model=s["model"], num_classes=n_classes, dataset=src, seed=seed,
+                        settings=settings)
+    seed_everything(seed)
+    m = cls.from_settings(ctx)
+    if not isinstance(m, Method):
+        raise ConfigError(f"method {s['method']!r}: from_settings returned {type(m).__name__}, not a Method")
+    roi = getattr(m, "roi_size", None)
+    train_src = _seg_subset(src, s["max_samples"], seed)
+    train_tgt = _seg_subset(tgt, s["max_samples"], seed + 1) if tgt is not None else None
+    if roi is not None and src.spatial_dims == 3:
+        train_src = RandomPatches(train_src, roi, seed=seed)
+        train_tgt = RandomPatches(train_tgt, roi, seed=seed + 1) if train_tgt is not None else None
+    n_lab = int(getattr(m, "target_labeled", 0) or 0)
+    if n_lab and not tgt.has_masks:
+        raise ConfigError(f"target_labeled={n_lab} needs masks in the target {s['target_dataset']!r}; it has none")
+    if paired:
+        from .methods.seg_adversarial import SegPairedDataset
+
+        train_ds = SegPairedDataset(train_src, train_tgt, seed=seed, labelled=n_lab)
+    else:
+        train_ds = train_src
+    out = Path(train_config.out_dir) if train_config.out_dir else None
+    panel_idx = list(range(min(PANEL_IMAGES, len(ev)))) if ev.has_masks else []
+    before = _seg_predict(m, ev, panel_idx, train_config) if out is not None and src.spatial_dims == 2 else None
+    extra = {"task": "segmentation", "model": m.model_name or type(m).__name__, "dataset": str(s["dataset"]),
+             "eval_dataset": str(ev_spec), "datasets": {"train": src.describe(), "eval": ev.describe()}}
+    if paired:
+        extra["target_dataset"] = str(s["target_dataset"])
+        extra["datasets"]["target"] = tgt.describe()
+    report = _fit(m, train_ds, ev, train_config, extra)
+    report["target_dice_per_epoch" if paired or s["eval_dataset"] else "eval_dice_per_epoch"] = [
+        h.get("eval_dice") for h in report["history"]]
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
+        if before is not None and panel_idx:
+            after = _seg_predict(m, ev, panel_idx, train_config)
+            try:
+                _write_panel(out / "target_panel.png", ev, panel_idx, before, after,
+                             title=f"{m.name} on {ev_spec}: before / after training")
+                report["panel"] = "target_panel.png"
+            except Exception as e:  # the model and report are written; a missing matplotlib must not lose them
+                report["panel_error"] = f"{type(e).__name__}: {e}"
+        from .._io import write_json
+
+        write_json(out / "report.json", report)
+    return report
+
+
+@torch.no_grad()
+def _seg_predict(m: Method, ds, idx: list[int], train_config: TrainConfig) -> list[np.ndarray]:
+    if not idx:
+        return []
+    dev = torch.device(train_config.device) if train_config.device else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    was = m.training
+    m.to(dev).eval()
+    try:
+        x = torch.stack([ds[i]["input"] for i in idx]).to(dev)
+        return list(m.predict(x).float().argmax(1).cpu().numpy())
+    finally:
+        m.train(was)
+
+
+def _write_panel(path: Path, ds, idx, before, after, title: str = "") -> None:
+    """A PNG grid, one row per image: the image, its mask, the prediction before and after training (with
+    each prediction's Dice), written atomically."""
+    from ..errors import MissingExtraError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtraError("matplotlib", "plot", "the segmentation panel") from None
+    import io
+
+    from .._io import atomic_write_bytes
+    from .engine import dice_per_class
+
+    rows = len(idx)
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows + 0.4), squeeze=False)
+    for r, i in enumerate(idx):
+        item = ds[i]
+        img, mask = item["input"][0].numpy(), item["target"].numpy()
+        c = int(max(mask.max(), before[r].max(), after[r].max(), 1)) + 1
+        cols = [(img, "image", "gray"), (mask, "mask", "viridis")]
+        for name, pred in (("before", before[r]), ("after", after[r])):
+            d, v = dice_per_class(torch.as_tensor(pred)[None], torch.as_tensor(mask)[None], c)
+            dice = float(d[v].mean()) if v.any() else float("nan")
+            cols.append((pred, f"{name}: Dice {dice:.3f}", "viridis"))
+        for ax, (a, t, cmap) in zip(axes[r], cols):
+            ax.imshow(a, cmap=cmap, interpolation="nearest", vmin=None if cmap == "gray" else 0,
+                      vmax=None if cmap == "gray" else c - 1)
+            ax.set_title(t, fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

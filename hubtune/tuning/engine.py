@@ -15,6 +15,9 @@ Datasets yield ``(input, target)`` pairs, ``{"input": ..., "target": ...}`` dict
 ``set_epoch(epoch)`` method is told the epoch before each one, so seeded augmentation differs per epoch and is
 replayed exactly on resume.
 
+Segmentation methods (``method.task == "segmentation"``) are evaluated by Dice and the 95th-percentile Hausdorff
+distance instead of accuracy (:meth:`Engine._evaluate_segmentation`: ``eval_dice``, ``eval_hd95``, ``eval_loss``).
+
 Output folder: a run refuses a folder that already holds one (``checkpoint.pt``, ``model.safetensors``,
 ``report.json`` or ``metrics.jsonl``) unless ``resume=True`` (continue it) or ``overwrite=True`` (remove those
 files, and only those, first). Frozen submodules a method names in :meth:`Method.frozen_modules` (teachers) are
@@ -554,6 +557,8 @@ class Engine:
     def _evaluate(self, method: Method, dataset, device, bf16: bool, local_bs: int, rank: int, world: int) -> dict:
         import torch.distributed as dist
 
+        if method.task == "segmentation":
+            return self._evaluate_segmentation(method, dataset, device, bf16, local_bs, rank, world)
         method.eval()
         if world > 1:  # every sample exactly once over all ranks (DistributedSampler would pad)
             dataset = Subset(dataset, list(range(rank, len(dataset), world)))
@@ -577,6 +582,111 @@ class Engine:
         if stats[2] == 0:
             return {}
         return {"eval_loss": float(stats[0] / stats[2]), "eval_acc": float(stats[1] / stats[2])}
+
+
+    @torch.no_grad()
+    def _evaluate_segmentation(self, method: Method, dataset, device, bf16: bool, local_bs: int, rank: int,
+                               world: int) -> dict:
+        """Segmentation: ``eval_loss`` (mean per-image cross-entropy), ``eval_dice`` (per image, the mean Dice of
+        the foreground classes present in its ground truth; then the mean over the images that have one: MONAI's
+        ``DiceMetric(include_background=False, reduction="mean", ignore_empty=True)``), ``eval_dice_class<c>``
+        (per class, over the images where it is present) when there are several foreground classes, and
+        ``eval_hd95`` (MONAI's 95th-percentile Hausdorff distance in pixels, averaged as Dice over the (image,
+        class) pairs where prediction and ground truth are both non-empty; with ``method.eval_hd95``). Volumes
+        (3D) are evaluated one at a time, through the method's ``predict`` (sliding-window inference when it has
+        a window)."""
+        import torch.distributed as dist
+
+        method.eval()
+        if world > 1:
+            dataset = Subset(dataset, list(range(rank, len(dataset), world)))
+        bs = 1 if getattr(method, "spatial_dims", 2) == 3 else local_bs
+        loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=self.config.num_workers)
+        hd = bool(getattr(method, "eval_hd95", False))
+        sums = None  # [loss, images, hd sum, hd count, dice sum, images with Dice, per-class sums.., counts..]
+        for raw in loader:
+            batch = _to(_as_batch(raw), device)
+            if batch.get("target") is None:
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = method.predict(batch["input"])
+            logits, y = logits.float(), batch["target"]
+            c = logits.shape[1]
+            if sums is None:
+                sums = torch.zeros(6 + 2 * (c - 1), dtype=torch.float64, device=device)
+            spatial = tuple(range(1, y.dim()))
+            sums[0] += F.cross_entropy(logits, y, reduction="none").mean(dim=spatial).sum().double()
+            sums[1] += y.shape[0]
+            pred = logits.argmax(1)
+            d, valid = dice_per_class(pred, y, c)
+            d = torch.where(valid, d, torch.zeros_like(d))
+            per_image = valid.sum(1)  # MONAI's "mean": over an image's defined classes, then over the images
+            has = per_image > 0
+            sums[4] += (d.sum(1)[has] / per_image[has]).sum().double()
+            sums[5] += has.sum().double()
+            sums[6:5 + c] += d.sum(0).double()
+            sums[5 + c:] += valid.sum(0).double()
+            if hd:
+                h = hd95_per_class(pred, y, c)
+                ok = torch.isfinite(h)
+                k = ok.sum(1)
+                has_h = k > 0  # as Dice: per image over its defined classes, then over the images
+                sums[2] += (torch.where(ok, h, torch.zeros_like(h)).sum(1)[has_h] / k[has_h]).sum().double()
+                sums[3] += has_h.sum().double()
+        method.train()
+        if world > 1:
+            if sums is None:  # a rank without labelled items still joins the reduction, with zeros of the width
+                c = int(getattr(method, "num_classes", 0) or 0)
+                if c < 2:
+                    raise ConfigError("distributed segmentation evaluation: a rank saw no labelled item and the "
+                                      "method does not say its num_classes")
+                sums = torch.zeros(6 + 2 * (c - 1), dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+        if sums is None or sums[1] == 0:
+            return {}
+        sums = sums.cpu()
+        c = (len(sums) - 6) // 2 + 1
+        dsum, dcnt = sums[6:5 + c], sums[5 + c:]
+        rec = {"eval_loss": float(sums[0] / sums[1])}
+        if sums[5] > 0:
+            rec["eval_dice"] = float(sums[4] / sums[5])
+        if c > 2:
+            for k in range(c - 1):
+                if dcnt[k] > 0:
+                    rec[f"eval_dice_class{k + 1}"] = float(dsum[k] / dcnt[k])
+        if hd and sums[3] > 0:
+            rec["eval_hd95"] = float(sums[2] / sums[3])
+        return rec
+
+
+def dice_per_class(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-foreground-class Dice of label maps ``pred`` and ``y`` ``(B, *S)``:
+    ``2 |P ∩ G| / (|P| + |G|)`` for classes 1..C-1, ``(B, C-1)``, and whether each is defined (``|G| > 0``, as
+    MONAI's ``ignore_empty=True``)."""
+    spatial = tuple(range(1, y.dim()))
+    ds, valid = [], []
+    for k in range(1, num_classes):
+        p, g = pred == k, y == k
+        inter = (p & g).sum(spatial).double()
+        size = p.sum(spatial).double() + g.sum(spatial).double()
+        ds.append(torch.where(size > 0, 2 * inter / size.clamp_min(1), torch.zeros_like(size)))
+        valid.append(g.sum(spatial) > 0)
+    return torch.stack(ds, 1), torch.stack(valid, 1)
+
+
+def hd95_per_class(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """MONAI's ``compute_hausdorff_distance(percentile=95)`` per image and foreground class ``(B, C-1)``, in
+    pixels; NaN or inf where the prediction or the ground truth is empty."""
+    import warnings as _w
+
+    from monai.metrics import compute_hausdorff_distance
+
+    oh_p = F.one_hot(pred.long(), num_classes).movedim(-1, 1)
+    oh_y = F.one_hot(y.long(), num_classes).movedim(-1, 1)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")  # MONAI warns for every empty class; those pairs are left out of the mean
+        h = compute_hausdorff_distance(oh_p, oh_y, include_background=False, percentile=95)
+    return torch.as_tensor(h, dtype=torch.float64, device=pred.device)
 
 
 def _first_lines(e: Exception, n: int = 3) -> str:

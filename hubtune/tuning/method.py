@@ -47,6 +47,9 @@ The default :meth:`Method.from_settings` builds it as ``cls(model, num_classes=.
   ``regularizers`` adds the settings of the generic regularizers the method supports (:data:`REGULARIZERS`).
 * ``train_defaults``: TrainConfig fields the method trains best with; ``sparse_parameters``: DDP needs
   ``find_unused_parameters``.
+* ``task``: ``"classification"`` (default) or ``"segmentation"`` (``tune(task=...)``/``--task`` check it; the
+  engine evaluates a segmentation method by Dice); ``finetunes_task``: the method ``finetune`` means for its
+  task.
 
 Registry: :data:`METHODS` imports every module of :mod:`hubtune.tuning.methods` (``pkgutil`` over the package's
 ``__path__``), the entry points of the group ``hubtune.methods`` and the modules named in ``HUBTUNE_PLUGINS``
@@ -268,6 +271,11 @@ class Method(torch.nn.Module):
     data_config: dict | None = None
     #: the model(s) tuned, for the report
     model_name: str = ""
+    #: what the method learns: "classification" (evaluated by accuracy) or "segmentation" (by Dice and HD95; the
+    #: datasets are (image, mask) pairs, :mod:`hubtune.data.segmentation`)
+    task = "classification"
+    #: the method ``method="finetune"`` means for a task other than classification (``seg-finetune``)
+    finetunes_task = False
 
     # ------------------------------------------------------------------ declared settings
     @classmethod

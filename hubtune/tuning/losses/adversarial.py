@@ -1,7 +1,9 @@
 """Domain-adversarial losses (tllib style): gradient reversal (:func:`grad_reverse`, :class:`GradientReverseLayer`,
 :class:`WarmStartGRL`), :class:`DomainDiscriminator`, :class:`DomainAdversarialLoss` (DANN; Ganin & Lempitsky,
 ICML 2015), :class:`MultilinearMap`, :class:`RandomizedMultilinearMap` and
-:class:`ConditionalDomainAdversarialLoss` (CDAN; Long et al., NeurIPS 2018).
+:class:`ConditionalDomainAdversarialLoss` (CDAN; Long et al., NeurIPS 2018); for segmentation
+:class:`ConvDomainDiscriminator`, :class:`LevelAdversary` and :class:`MultiLevelAdversarialLoss` (feature-level and
+output-space adaptation, AdaptSegNet; Tsai et al., CVPR 2018).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from ...errors import InputError, ShapeError
 from ._checks import _check_positive_int, _check_tensor, _shape
 
 __all__ = ["grad_reverse", "GradientReverseLayer", "WarmStartGRL", "DomainDiscriminator", "DomainAdversarialLoss",
-           "MultilinearMap", "RandomizedMultilinearMap", "ConditionalDomainAdversarialLoss", "entropy"]
+           "MultilinearMap", "RandomizedMultilinearMap", "ConditionalDomainAdversarialLoss", "entropy",
+           "ConvDomainDiscriminator", "LevelAdversary", "MultiLevelAdversarialLoss"]
 
 
 class _GradientReverseFunction(torch.autograd.Function):
@@ -338,3 +341,152 @@ class ConditionalDomainAdversarialLoss(nn.Module):
         self.domain_acc = acc
         return {"total": loss, "domain_acc": acc}
 
+
+
+# ---------------------------------------------------------------------------------- segmentation: multi-level
+class ConvDomainDiscriminator(nn.Module):
+    r"""Fully convolutional domain discriminator for feature maps ``(B, C, *spatial)``, 2D or 3D (AdaptSegNet).
+
+    A trunk of ``num_layers`` convolutions (kernel 3, stride 2, padding 1, LeakyReLU 0.2; widths ``hidden``,
+    ``2 hidden``, ...; a map of side 1 stays side 1, so any level's resolution fits) and a **classifier head**
+    ``self.classifier``: a 1x1 convolution to one channel (``head="patch"``: one domain logit per location of the
+    last map, AdaptSegNet's patch discriminator) or global average pooling then ``Linear(width, 1)``
+    (``head="image"``: one logit per image). Either way the output has exactly one logit channel, never the
+    trunk's channels (Intel's adapter pooled the trunk and read every channel as a logit). Source = 1.
+
+    Tsai et al. *Learning to Adapt Structured Output Space for Semantic Segmentation*. CVPR 2018.
+    """
+
+    def __init__(self, in_channels: int, spatial_dims: int = 2, hidden: int = 64, num_layers: int = 3,
+                 head: str = "patch"):
+        super().__init__()
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        _check_positive_int(hidden, "hidden")
+        _check_positive_int(num_layers, "num_layers")
+        if spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims={spatial_dims!r} is invalid: give 2 or 3")
+        if head not in ("patch", "image"):
+            raise InputError(f"head={head!r} is invalid: give 'patch' (a logit per location) or 'image'")
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        layers, c = [], in_channels
+        for i in range(num_layers):
+            w = hidden * 2 ** i
+            layers += [conv(c, w, kernel_size=3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            c = w
+        self.trunk = nn.Sequential(*layers)
+        self.spatial_dims, self.head = spatial_dims, head
+        self.classifier = conv(c, 1, kernel_size=1) if head == "patch" else nn.Linear(c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Domain logits: ``(B, 1, *spatial')`` for ``head="patch"``, ``(B, 1)`` for ``head="image"``."""
+        _check_tensor(x, "discriminator input", 2 + self.spatial_dims)
+        if x.shape[1] != self.in_channels:
+            raise ShapeError(f"ConvDomainDiscriminator({self.in_channels}) got input of shape {_shape(x)}")
+        h = self.trunk(x)
+        if self.head == "image":
+            return self.classifier(h.flatten(2).mean(dim=2))
+        return self.classifier(h)
+
+
+class LevelAdversary(nn.Module):
+    r"""One level of a multi-level adversarial loss: its own discriminator and **its own** GRL.
+
+    .. math::
+        L = \tfrac12 \big[ \overline{\mathrm{BCE}}(D(R(a^s)), 1) + \overline{\mathrm{BCE}}(D(R(a^t)), 0) \big]
+
+    the mean taken over the images and the discriminator's output locations of each domain, with
+    :math:`a = f` (features) or, ``softmax=True``, :math:`a = \mathrm{softmax}(f)` over the channels (the output
+    space of AdaptSegNet: ``f`` the logits, so the target's predictions reach D and the reversed gradient
+    reaches the segmenter through the softmax). R is this level's :class:`WarmStartGRL`.
+
+    ``forward(f_s, f_t)`` -> ``{"total": L, "domain_acc": accuracy of D}``.
+    """
+
+    def __init__(self, discriminator: nn.Module, grl: Optional[WarmStartGRL] = None, softmax: bool = False):
+        super().__init__()
+        if not isinstance(discriminator, nn.Module):
+            raise InputError(f"discriminator must be an nn.Module, got {type(discriminator).__name__}")
+        self.discriminator = discriminator
+        self.grl = grl if grl is not None else WarmStartGRL()
+        self.softmax = bool(softmax)
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        _check_tensor(f_s, "source features")
+        _check_tensor(f_t, "target features")
+        if f_s.shape[1:] != f_t.shape[1:] or f_s.shape[0] == 0 or f_t.shape[0] == 0:
+            raise ShapeError(f"source and target features must be non-empty with the same channels and size, got "
+                             f"{_shape(f_s)} and {_shape(f_t)}")
+        a = torch.cat([f_s, f_t], dim=0)
+        if self.softmax:
+            a = F.softmax(a, dim=1)
+        d = self.discriminator(self.grl(a))
+        n_s = f_s.shape[0]
+        d_s, d_t = d[:n_s].reshape(-1), d[n_s:].reshape(-1)
+        return dict(zip(("total", "domain_acc"), _domain_bce(torch.cat([d_s, d_t]), d_s.numel())))
+
+
+class MultiLevelAdversarialLoss(nn.Module):
+    r"""Weighted sum of per-level adversarial losses (the "CAC" loss of Intel's adapter, without its faults).
+
+    .. math:: L = \sum_l w_l \, L_l(f^s_l, f^t_l)
+
+    with :math:`L_l` a :class:`LevelAdversary`. Every level owns its discriminator and its GRL: a GRL (or a
+    discriminator) shared by two levels is refused, since its warm-up would advance once per level per step.
+    :meth:`step` advances each GRL exactly once; :meth:`set_run_length` makes each warm-up span the run. The
+    GRLs' ``iter_num``/``max_iters`` are in ``state_dict`` (``extra_state``), so a resumed run continues them.
+
+    ``forward(feats_s, feats_t)`` (dicts ``{level: tensor}`` holding at least the loss's levels) returns
+    ``{"total": L, "<level>": L_l, "domain_acc_<level>": acc_l}``.
+    """
+
+    def __init__(self, adversaries: Dict[str, LevelAdversary], weights: Dict[str, float]):
+        super().__init__()
+        if not adversaries:
+            raise InputError("MultiLevelAdversarialLoss needs at least one level")
+        for name, adv in adversaries.items():
+            if not isinstance(adv, LevelAdversary):
+                raise InputError(f"level {name!r}: expected a LevelAdversary, got {type(adv).__name__}")
+        for what in ("grl", "discriminator"):
+            seen: Dict[int, str] = {}
+            for name, adv in adversaries.items():
+                other = seen.setdefault(id(getattr(adv, what)), name)
+                if other != name:
+                    raise InputError(f"levels {other!r} and {name!r} share one {what}; give each level its own "
+                                     f"(a shared GRL would advance its warm-up once per level per step)")
+        if set(weights) != set(adversaries):
+            raise InputError(f"weights are given for {sorted(weights)} but the levels are {sorted(adversaries)}; "
+                             "give one weight per level")
+        for name, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise InputError(f"the weight of level {name!r} is {w!r}; give a finite number >= 0")
+        self.levels = nn.ModuleDict(adversaries)
+        self.weights = {k: float(v) for k, v in weights.items()}
+
+    def grls(self) -> Dict[str, WarmStartGRL]:
+        return {name: adv.grl for name, adv in self.levels.items()}
+
+    def step(self) -> None:
+        """Advance every level's GRL by one step (call once per optimizer step)."""
+        for adv in self.levels.values():
+            adv.grl.step()
+
+    def set_run_length(self, total_steps: int) -> None:
+        """Each GRL's warm-up spans ``total_steps`` (p = steps done / total)."""
+        for adv in self.levels.values():
+            adv.grl.max_iters = _check_positive_int(max(1, int(total_steps)), "total_steps")
+
+    def forward(self, feats_s: Dict[str, torch.Tensor], feats_t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        missing = [k for k in self.levels if k not in feats_s or k not in feats_t]
+        if missing:
+            raise InputError(f"features for level(s) {', '.join(missing)} are missing; give source and target "
+                             f"features of every level ({', '.join(self.levels)})")
+        out: Dict[str, torch.Tensor] = {}
+        total = None
+        for name, adv in self.levels.items():
+            r = adv(feats_s[name], feats_t[name])
+            out[name] = r["total"]
+            out[f"domain_acc_{name}"] = r["domain_acc"]
+            term = self.weights[name] * r["total"]
+            total = term if total is None else total + term
+        out["total"] = total
+        return out

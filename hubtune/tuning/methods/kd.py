@@ -4,8 +4,10 @@ The student learns from a frozen teacher with :class:`~hubtune.tuning.losses.Dis
 
     total = alpha_hard * CE(s, y) + alpha_soft * L_soft(s, t) [+ layer_weight * L_layers]
 
-``L_soft`` is temperature KL (Hinton et al., 2015), Jensen-Shannon, or logit MSE (``kind``). Batches without
-``"target"`` are distilled label-free (``total = alpha_soft * soft [+ layers]``, ``"hard"`` is 0).
+``L_soft`` is temperature KL (Hinton et al., 2015), Jensen-Shannon, PaddleClas's symmetric KL (``skl``, what SSLD
+calls "JS"), or logit MSE (``kind``). Batches without ``"target"`` are distilled label-free (``total = alpha_soft *
+soft [+ layers]``, ``"hard"`` is 0); ``use_labels=False`` distils every batch label-free, ignoring the targets it
+carries (SSLD: the labelled images and the teacher-selected pool are distilled alike).
 
 * **Models.** Teacher and student are timm modules (any ``nn.Module`` that maps inputs to logits works) or
   hub specs loaded by :func:`hubtune.hub.load_candidate`, possibly from different hubs. The teacher is a
@@ -145,7 +147,9 @@ class KnowledgeDistillation(Method):
 
     teachers = ("teacher",)
     settings = {
-        "kind": Setting("kl", "soft loss: kl (temperature KL), js (Jensen-Shannon) or mse (logits)", str),
+        "kind": Setting("kl", "soft loss: kl (temperature KL), js (Jensen-Shannon), skl (symmetric KL, SSLD's "
+                              "'JS') or mse (logits)", str),
+        "use_labels": Setting(True, "false: distil label-free, ignoring the batches' targets (SSLD)", bool),
         "temperature": Setting(4.0, "softmax temperature of the soft loss", float),
         "alpha_hard": Setting(0.5, "weight of the cross-entropy with the labels", float),
         "alpha_soft": Setting(0.5, "weight of the soft (teacher) loss", float),
@@ -198,7 +202,7 @@ class KnowledgeDistillation(Method):
                  teacher_bn: str = "eval", cache_teacher: bool = False, cache_dir=None, cache_path=None,
                  verify_cache: bool = True, pretrained: bool = True, data_config: dict | None = None,
                  teacher_data_config: dict | None = None, serve_window: int = 4, serve_timeout: float = 30.0,
-                 serve_on_stall: str = "fail"):
+                 serve_on_stall: str = "fail", use_labels: bool = True):
         super().__init__()
         if isinstance(teacher, str) and teacher.startswith(SERVE_PREFIX):  # a teacher service (Ray Serve)
             if cache_teacher or cache_path is not None or teacher_bn == "train" or layers:
@@ -254,6 +258,7 @@ class KnowledgeDistillation(Method):
             p.requires_grad_(False)
         teacher.eval()
         self.teacher_bn = teacher_bn
+        self.use_labels = bool(use_labels)
         self.num_classes = s_c if s_c is not None else t_c
         self.layer_weight = float(layer_weight)
         self.layer_loss = layer_loss
@@ -368,7 +373,7 @@ class KnowledgeDistillation(Method):
                 raise ConfigError(self._class_msg(y_s.shape[1], y_t.shape[1]))
             raise ConfigError(f"student logits {tuple(y_s.shape)} and teacher logits {tuple(y_t.shape)} do not "
                               "match: both models must map the batch to (B, num_classes) logits")
-        target = batch.get("target")
+        target = batch.get("target") if self.use_labels else None
         terms = self.distill(y_s, y_t, target)
         total = terms["total"]
         out = {"hard": terms["hard"].detach(), "soft": terms["soft"].detach()}
@@ -389,6 +394,7 @@ class KnowledgeDistillation(Method):
         d = self.distill
         return {"kind": d.kind, "temperature": d.temperature, "alpha_hard": d.alpha_hard,
                 "alpha_soft": d.alpha_soft, "num_classes": self.num_classes, "teacher_bn": self.teacher_bn,
+                "use_labels": self.use_labels,
                 "layers": dict(self.layers.mapping) if self.layers is not None else None,
                 "layer_loss": self.layer_loss if self.layers is not None else None,
                 "layer_weight": self.layer_weight if self.layers is not None else None,
