@@ -44,7 +44,12 @@ def full(setup):
     from hubtune.cli import main
 
     out = setup / "full"
-    assert main(args(setup, out)) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped, so made before the one_thread fixture: the killed run has 1 thread
+    try:
+        assert main(args(setup, out)) == 0
+    finally:
+        torch.set_num_threads(n)
     return out
 
 
