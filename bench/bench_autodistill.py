@@ -251,11 +251,9 @@ def main(argv=None) -> int:
 
 
 def plot(s: dict, path: Path) -> None:
-    import matplotlib
+    from hubtune._io import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the benchmark plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for key, color, label in (("random_trials", "tab:blue", "random"), ("tpe_trials", "tab:orange", "TPE")):
         pts = [t for t in s[key] if t["state"] == "COMPLETE" and t["duplicate_of"] is None]
@@ -272,14 +270,7 @@ def plot(s: dict, path: Path) -> None:
                  f"random {s['hypervolume']['random']:.3f}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    import io
-
-    from hubtune._io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,17 @@ def ms(xs):
             "n": len(xs), "values": xs}
 
 
+def fresh_run(out: Path, reuse: Path | None = None) -> Path:
+    """The empty run folder ``out`` (the benchmark's own: removed first), holding ``reuse``'s pool stages (scores,
+    dedup, selection) when given, so that the recipe resumes after them."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for stg in ("scores", "dedup", "selection") if reuse is not None else ():
+        shutil.copytree(reuse / stg, out / stg)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=32)
@@ -131,13 +142,8 @@ def main():
     for seed in range(a.seeds):
         # SSLD (top-k)
         t0 = time.perf_counter()
-        out = work / f"ssld-s{seed}"
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        if seed > 0:  # scores, dedup and selection do not depend on the seed: reused (and checked) from seed 0
-            for stg in ("scores", "dedup", "selection"):
-                shutil.copytree(work / "ssld-s0" / stg, out / stg)
+        # scores, dedup and selection do not depend on the seed: reused (and checked) from seed 0
+        out = fresh_run(work / f"ssld-s{seed}", work / "ssld-s0" if seed > 0 else None)
         rep = run_ssld(out, seed, resume=True)
         secs = time.perf_counter() - t0
         add("ssld_nofinetune", rep["distill_eval_acc"], rep["stages"]["distill"]["seconds"])
@@ -153,12 +159,7 @@ def main():
             extra["stage_seconds_seed0"] = {k: v["seconds"] for k, v in rep["stages"].items()}
         # random pool of the same size: selection.json replaced by hand, then resume (stages 1-2 are reused)
         t0 = time.perf_counter()
-        rout = work / f"random-s{seed}"
-        if rout.exists():
-            shutil.rmtree(rout)
-        rout.mkdir(parents=True)
-        for stg in ("scores", "dedup", "selection"):
-            shutil.copytree(out / stg, rout / stg)
+        rout = fresh_run(work / f"random-s{seed}", out)
         sel = json.loads((out / "selection" / "selection.json").read_text())
         keep = np.flatnonzero(np.load(out / "dedup" / "keep.npy"))
         probs = np.load(out / "scores" / "pool-logits.npy")[0]
@@ -202,12 +203,7 @@ def main():
                          ("teacher_bn_train", {"teacher_bn": "train", "cache_teacher": False}),
                          ("teacher_bn_eval_live", {"cache_teacher": False})):
             t0 = time.perf_counter()
-            out = work / f"{name}-s{seed}"
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-            for stg in ("scores", "dedup", "selection"):
-                shutil.copytree(base / stg, out / stg)
+            out = fresh_run(work / f"{name}-s{seed}", base)
             rep = run_ssld(out, seed, resume=True, finetune_epochs=0, **kw)
             add(name + "_nofinetune", rep["distill_eval_acc"], time.perf_counter() - t0)
             partial(res, arms, times, extra, a, t_all)

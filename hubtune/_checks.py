@@ -23,3 +23,16 @@ def check_count(name: str, value, *, flag: str | None = None, cure: str = "pass 
     if value < 1:
         raise error(f"{where} must be a whole number >= 1 (at least 1; 0 does not mean 'all'); {cure}")
     return value
+
+
+def split_options(text: str, where: str, error: type[InputError] = InputError) -> tuple[str, dict[str, str]]:
+    """``"HEAD?K=V&K2=V2"`` -> ``("HEAD", {"K": "V", "K2": "V2"})``, keys and values stripped; an option without
+    ``=`` raises ``error`` naming ``where`` (the spec as the user wrote it)."""
+    head, _, query = text.partition("?")
+    opts = {}
+    for part in filter(None, query.split("&")):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise error(f"{where}: option {part!r} must be NAME=VALUE")
+        opts[k.strip()] = v.strip()
+    return head, opts

@@ -569,3 +569,31 @@ def read_settings(config, allowed, what: str, allowed_text: str | None = None) -
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: "
                           f"{allowed_text or ', '.join(allowed)}")
     return data
+
+
+def pyplot(what: str):
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or :class:`~hubtune.errors.MissingExtraError`
+    naming the ``plot`` extra and ``what`` needed it."""
+    from .errors import MissingExtraError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtraError("matplotlib", "plot", what) from None
+    return plt
+
+
+def save_png(fig, path, dpi: int = 100) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG through :func:`atomic_path`, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from ._checks import check_count
-from ._io import atomic_path, atomic_savez, atomic_write_text, check_writable, write_json
+from ._io import atomic_savez, atomic_write_text, check_writable, pyplot, save_png, write_json
 from .errors import HubtuneError, InputError, MissingExtraError
 from .scoring import ESTIMATORS, create_estimator
 from .scoring.leep import softmax
@@ -178,13 +178,7 @@ class Ranking:
         return out
 
     def plot(self, path: str | Path) -> Path:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise MissingExtraError("matplotlib", "plot", "the ranking plot") from None
+        plt = pyplot("the ranking plot")
         metrics = self.metrics
         fig, axes = plt.subplots(1, len(metrics), figsize=(4 + 3 * len(metrics), 0.5 * len(self.candidates) + 1.5),
                                  squeeze=False)
@@ -203,13 +197,7 @@ class Ranking:
             ax.grid(axis="x", alpha=0.3)
         fig.suptitle(f"hubtune ranking on {self.dataset}")
         fig.tight_layout()
-        path = Path(path)
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=100, format="png")
-        finally:
-            plt.close(fig)
-        return path
+        return save_png(fig, path, dpi=100)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Ranking":

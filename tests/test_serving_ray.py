@@ -148,12 +148,19 @@ def _kd_run(teacher, out, recorded=None, **kw):
     """One epoch of KD of a seeded tiny student from ``teacher``; the teacher logits each step used, in order."""
     from conftest import tiny_timm
 
-    from hubtune.tuning import Engine, TrainConfig
-    from hubtune.tuning import teachers as T
     from hubtune.tuning.methods.kd import KnowledgeDistillation
 
     # a 7-class student re-headed to 10: its new head is drawn from the RNG, whatever the teacher is
     method = KnowledgeDistillation(tiny_timm(num_classes=7, seed=1), teacher, num_classes=10, **kw)
+    return _fit_recording(method, out, recorded, lr=0.01)
+
+
+def _fit_recording(method, out, recorded=None, lr=0.01):
+    """One epoch of ``method`` on :class:`_Images`; each step's teacher output appended to ``recorded`` as
+    ``(input, teacher output, whether it was requested ahead by a served teacher's pipeline)``."""
+    from hubtune.tuning import Engine, TrainConfig
+    from hubtune.tuning import teachers as T
+
     real = T.LiveTeacher.__call__
 
     def spy(self, batch):
@@ -164,7 +171,7 @@ def _kd_run(teacher, out, recorded=None, **kw):
 
     T.LiveTeacher.__call__ = spy
     try:
-        Engine(TrainConfig(epochs=1, batch_size=8, lr=0.01, seed=0, out_dir=str(out), progress=False)).fit(
+        Engine(TrainConfig(epochs=1, batch_size=8, lr=lr, seed=0, out_dir=str(out), progress=False)).fit(
             method, _Images())
     finally:
         T.LiveTeacher.__call__ = real
@@ -197,7 +204,7 @@ def test_btuning_from_served_teachers_equals_btuning_from_local_ones(served, loc
     import hubtune
     from hubtune.features import ExtractOptions
     from hubtune.serving import serve_teacher, stop_teacher
-    from hubtune.tuning import Engine, TrainConfig, save_timm_folder
+    from hubtune.tuning import save_timm_folder
     from hubtune.tuning import teachers as T
     from hubtune.tuning.methods.btuning import BTuning
     from hubtune.tuning.models import penultimate_features
@@ -225,20 +232,7 @@ def test_btuning_from_served_teachers_equals_btuning_from_local_ones(served, loc
             # trade_off 1 (not 100): random tiny teachers' projections are large, and a diverging run would
             # amplify batching's 1e-6 rounding into different students
             m = BTuning.from_ranking(rank_dir, 2, 10, served=teachers, serve_window=3, trade_off=1.0)
-            real = T.LiveTeacher.__call__
-
-            def spy(self, batch):
-                p = real(self, batch)
-                recorded.append((p.detach().clone(), "teacher_logits" in batch))
-                return p
-
-            T.LiveTeacher.__call__ = spy
-            try:
-                Engine(TrainConfig(epochs=1, batch_size=8, lr=0.001, seed=0, out_dir=str(out), progress=False)).fit(
-                    m, _Images())
-            finally:
-                T.LiveTeacher.__call__ = real
-            return m
+            return _fit_recording(m, out, recorded, lr=0.001)
 
         got_s, got_l = [], []
         m_s = run(services, tmp_path / "s", got_s)
@@ -247,8 +241,8 @@ def test_btuning_from_served_teachers_equals_btuning_from_local_ones(served, loc
         for i in range(2):  # the services' projections are the ranking's, as the local teachers'
             torch.testing.assert_close(getattr(m_s.ensemble, f"proj{i}"), getattr(m_l.ensemble, f"proj{i}"))
         assert len(got_s) == len(got_l) == 6
-        assert all(piped for _, piped in got_s) and not any(piped for _, piped in got_l)
-        for (ps, _), (pl, _) in zip(got_s, got_l):
+        assert all(piped for _, _, piped in got_s) and not any(piped for _, _, piped in got_l)
+        for (_, ps, _), (_, pl, _) in zip(got_s, got_l):
             torch.testing.assert_close(ps, pl, rtol=1e-4, atol=1e-5)
         for (k, a), b in zip(m_s.student.state_dict().items(), m_l.student.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)

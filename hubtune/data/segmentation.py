@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import split_options
 from ..errors import ConfigError, DatasetNotFoundError, InputError
 from ..registry import Registry
 
@@ -420,23 +421,12 @@ class FolderSegmentationDataset(SegmentationDataset):
         return img, mask
 
 
-def _query(arg: str) -> tuple[str, dict]:
-    path, _, q = arg.partition("?")
-    opts = {}
-    for part in filter(None, q.split("&")):
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise ConfigError(f"segfolder:{arg}: option {part!r} must be NAME=VALUE")
-        opts[k.strip()] = v.strip()
-    return path, opts
-
-
 @register_seg_dataset("segfolder")
 def segfolder(arg=None, split="train", data_dir=None):
     """A folder of ``images/`` + ``masks/`` (see the module docstring), spelled ``segfolder:PATH[?OPTIONS]``."""
     if not arg:
         raise ConfigError("segfolder needs a path: segfolder:PATH (a folder with images/ and masks/)")
-    path, opts = _query(arg)
+    path, opts = split_options(arg, f"segfolder:{arg}", ConfigError)
     p = Path(path).expanduser()
     if not p.is_absolute() and data_dir is not None and not p.exists():
         p = Path(data_dir) / p

@@ -409,11 +409,9 @@ def write_tables(out: Path, records: list, objectives) -> None:
 def plot_front(path: Path, records: list, front: list, objectives, title: str = "") -> None:
     """Scatter of the first two objectives (x: the second, e.g. latency; y: the first, e.g. accuracy), every
     distinct trained student in grey, the front highlighted and joined."""
-    import matplotlib
+    from .._io import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the Pareto front plot")
     if len(objectives) < 2:
         return
     a, b = str(objectives[0]), str(objectives[1])
@@ -431,9 +429,4 @@ def plot_front(path: Path, records: list, front: list, objectives, title: str = 
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from .._io import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)

@@ -550,19 +550,10 @@ def _seg_predict(m: Method, ds, idx: list[int], train_config: TrainConfig) -> li
 def _write_panel(path: Path, ds, idx, before, after, title: str = "") -> None:
     """A PNG grid, one row per image: the image, its mask, the prediction before and after training (with
     each prediction's Dice), written atomically."""
-    from ..errors import MissingExtraError
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtraError("matplotlib", "plot", "the segmentation panel") from None
-    import io
-
-    from .._io import atomic_write_bytes
+    from .._io import pyplot, save_png
     from .engine import dice_per_class
+
+    plt = pyplot("the segmentation panel")
 
     rows = len(idx)
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows + 0.4), squeeze=False)
@@ -583,7 +574,4 @@ def _write_panel(path: Path, ds, idx, before, after, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=80)

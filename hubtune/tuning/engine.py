@@ -559,23 +559,11 @@ class Engine:
 
         if method.task == "segmentation":
             return self._evaluate_segmentation(method, dataset, device, bf16, local_bs, rank, world)
-        method.eval()
-        if world > 1:  # every sample exactly once over all ranks (DistributedSampler would pad)
-            dataset = Subset(dataset, list(range(rank, len(dataset), world)))
-        loader = DataLoader(dataset, batch_size=local_bs, shuffle=False,
-                            generator=torch.Generator().manual_seed(0), num_workers=self.config.num_workers)
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: on the device
-        for raw in loader:
-            batch = _to(_as_batch(raw), device)
-            if batch.get("target") is None:
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = method.predict(batch["input"])
-            logits, y = logits.float(), batch["target"]
+        for logits, y in self._predictions(method, dataset, device, bf16, local_bs, rank, world):
             stats[0] += F.cross_entropy(logits, y, reduction="sum").double()
             stats[1] += (logits.argmax(1) == y).sum().double()
             stats[2] += len(y)
-        method.train()
         if world > 1:
             dist.all_reduce(stats)
         stats = stats.cpu()
@@ -583,6 +571,24 @@ class Engine:
             return {}
         return {"eval_loss": float(stats[0] / stats[2]), "eval_acc": float(stats[1] / stats[2])}
 
+    def _predictions(self, method: Method, dataset, device, bf16: bool, batch_size: int, rank: int, world: int):
+        """``(float32 logits, targets)`` of every labelled batch of this rank's share of ``dataset`` (every sample
+        exactly once over all ranks: DistributedSampler would pad), the method in eval mode meanwhile."""
+        if world > 1:
+            dataset = Subset(dataset, list(range(rank, len(dataset), world)))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                            generator=torch.Generator().manual_seed(0), num_workers=self.config.num_workers)
+        method.eval()
+        try:
+            for raw in loader:
+                batch = _to(_as_batch(raw), device)
+                if batch.get("target") is None:
+                    continue
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = method.predict(batch["input"])
+                yield logits.float(), batch["target"]
+        finally:
+            method.train()
 
     @torch.no_grad()
     def _evaluate_segmentation(self, method: Method, dataset, device, bf16: bool, local_bs: int, rank: int,
@@ -597,20 +603,10 @@ class Engine:
         a window)."""
         import torch.distributed as dist
 
-        method.eval()
-        if world > 1:
-            dataset = Subset(dataset, list(range(rank, len(dataset), world)))
         bs = 1 if getattr(method, "spatial_dims", 2) == 3 else local_bs
-        loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=self.config.num_workers)
         hd = bool(getattr(method, "eval_hd95", False))
         sums = None  # [loss, images, hd sum, hd count, dice sum, images with Dice, per-class sums.., counts..]
-        for raw in loader:
-            batch = _to(_as_batch(raw), device)
-            if batch.get("target") is None:
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = method.predict(batch["input"])
-            logits, y = logits.float(), batch["target"]
+        for logits, y in self._predictions(method, dataset, device, bf16, bs, rank, world):
             c = logits.shape[1]
             if sums is None:
                 sums = torch.zeros(6 + 2 * (c - 1), dtype=torch.float64, device=device)
@@ -633,7 +629,6 @@ class Engine:
                 has_h = k > 0  # as Dice: per image over its defined classes, then over the images
                 sums[2] += (torch.where(ok, h, torch.zeros_like(h)).sum(1)[has_h] / k[has_h]).sum().double()
                 sums[3] += has_h.sum().double()
-        method.train()
         if world > 1:
             if sums is None:  # a rank without labelled items still joins the reduction, with zeros of the width
                 c = int(getattr(method, "num_classes", 0) or 0)

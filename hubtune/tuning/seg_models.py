@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import split_options
 from ..errors import ConfigError, MissingExtraError, ModelNotFoundError
 
 __all__ = ["SegNet", "build_seg_model", "load_seg_folder", "save_seg_folder", "import_monai", "SEG_ARCHS"]
@@ -145,24 +146,16 @@ def _ints(value, name: str, spec: str) -> tuple[int, ...]:
     return out
 
 
-def _parse(spec: str) -> tuple[str, dict[str, str]]:
-    arch, _, query = spec.partition("?")
-    opts = {}
-    for part in filter(None, query.split("&")):
-        k, sep, v = part.partition("=")
-        if not sep:
-            raise ConfigError(f"model spec {spec!r}: option {part!r} must be NAME=VALUE")
-        opts[k.strip()] = v.strip()
-    return arch.strip().lower(), opts
+def _check_options(opts: dict, allowed: set, spec: str, arch: str) -> None:
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise ConfigError(f"model spec {spec!r}: unknown option(s) {', '.join(unknown)}; {arch} takes "
+                          f"{', '.join(sorted(allowed))}")
 
 
 def _basicunet(opts: dict, spec: str, spatial_dims: int, in_channels: int, num_classes: int) -> SegNet:
     monai = import_monai()
-    allowed = {"features", "dropout", "norm"}
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise ConfigError(f"model spec {spec!r}: unknown option(s) {', '.join(unknown)}; basicunet takes "
-                          f"{', '.join(sorted(allowed))}")
+    _check_options(opts, {"features", "dropout", "norm"}, spec, "basicunet")
     features = _ints(opts["features"], "features", spec) if "features" in opts else BASICUNET_FEATURES
     if len(features) != 6:
         raise ConfigError(f"model spec {spec!r}: basicunet features needs 6 numbers (5 encoder widths and the "
@@ -180,11 +173,7 @@ def _basicunet(opts: dict, spec: str, spatial_dims: int, in_channels: int, num_c
 
 def _dynunet(opts: dict, spec: str, spatial_dims: int, in_channels: int, num_classes: int) -> SegNet:
     monai = import_monai()
-    allowed = {"filters", "strides", "kernels"}
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise ConfigError(f"model spec {spec!r}: unknown option(s) {', '.join(unknown)}; dynunet takes "
-                          f"{', '.join(sorted(allowed))}")
+    _check_options(opts, {"filters", "strides", "kernels"}, spec, "dynunet")
     strides = _ints(opts.get("strides", "1,2,2,2"), "strides", spec)
     filters = _ints(opts["filters"], "filters", spec) if "filters" in opts else tuple(
         min(32 * 2 ** i, 320) for i in range(len(strides)))
@@ -222,7 +211,8 @@ def build_seg_model(spec, *, spatial_dims: int, in_channels: int, num_classes: i
     if spec.startswith("local-dir:"):
         return load_seg_folder(spec[len("local-dir:"):], spatial_dims=spatial_dims, in_channels=in_channels,
                                num_classes=num_classes)
-    arch, opts = _parse(spec)
+    arch, opts = split_options(spec, f"model spec {spec!r}", ConfigError)
+    arch = arch.strip().lower()
     builders = {"basicunet": _basicunet, "dynunet": _dynunet}
     if arch not in builders:
         raise ModelNotFoundError(f"unknown segmentation model {spec!r}; choose one of {', '.join(SEG_ARCHS)} "
